@@ -1,0 +1,86 @@
+# KeyGrid developer and CI entry points. Every target is safe to run again.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+.ONESHELL:
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.keygrid-installed
+PY_DIRS := $(wildcard keygridd tests tools bench)
+SHELL_SCRIPTS = .ci/run $(shell find . \( -path ./.git -o -path ./$(VENV) -o -path ./var \) -prune -o -type f \( -name '*.sh' -o -name '*.bash' \) -print)
+UNITS := systemd/keygridd.service systemd/keygridd.socket
+BENCH_ARGS ?=
+
+# Debian packages the tests need (some for later work: the C shim, SoftHSM2,
+# p11-kit, OpenSSL engine and PostgreSQL integration tests).
+DEB_PACKAGES := shellcheck systemd libp11-kit-dev softhsm2 opensc gnutls-bin \
+	libengine-pkcs11-openssl p11-kit clang postgresql
+
+.PHONY: help venv deps run lint test test-slow bench clean
+
+help:
+	@echo "make venv       create .venv and install keygrid with the test extra (editable)"
+	@echo "make deps       install the Debian packages the tests need (root; no-op when present)"
+	@echo "make run        start a development keygridd on var/run/keygrid.sock (config in var/)"
+	@echo "make lint       ruff, mypy --strict, shellcheck, systemd-analyze verify"
+	@echo "make test       deps + venv + lint, then every test except the slow ones"
+	@echo "make test-slow  the tests marked slow"
+	@echo "make bench      RPC benchmark (BENCH_ARGS='--seconds 5')"
+	@echo "make clean      remove .venv, build output and caches (keeps var/, the dev token)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	if [ ! -x $(VENV)/bin/python ]; then $(PYTHON) -m venv $(VENV); fi
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+deps:
+	@missing=""
+	for pkg in $(DEB_PACKAGES); do
+		status=$$(dpkg-query -W -f='$${db:Status-Status}' "$$pkg" 2>/dev/null || true)
+		[ "$$status" = installed ] || missing="$$missing $$pkg"
+	done
+	if [ -z "$$missing" ]; then echo "deps: all Debian packages present"; exit 0; fi
+	if [ "$$(id -u)" -ne 0 ]; then echo "deps: missing:$$missing (run 'sudo make deps')" >&2; exit 1; fi
+	echo "deps: installing$$missing"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends $$missing
+
+run: venv
+	$(VENV)/bin/python tools/devsetup.py var/
+	exec $(VENV)/bin/keygridd --config var/keygrid.yaml
+
+# systemd-analyze verify only warns (exit 0) on unknown keys and bad values:
+# any output is a failure. ExecStart= must name an existing file, so it checks
+# a copy of the units that runs /usr/bin/true instead of the installed daemon.
+lint: venv
+	$(VENV)/bin/ruff check $(PY_DIRS)
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
+	$(VENV)/bin/mypy --strict keygridd
+	shellcheck $(SHELL_SCRIPTS)
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT
+	cp $(UNITS) "$$tmp/"
+	sed -i 's#^ExecStart=/usr/bin/keygridd#ExecStart=/usr/bin/true#' "$$tmp/keygridd.service"
+	out=$$(cd "$$tmp" && systemd-analyze verify --man=no $(addprefix ./,$(notdir $(UNITS))) 2>&1) || { echo "$$out" >&2; exit 1; }
+	if [ -n "$$out" ]; then echo "$$out" >&2; exit 1; fi
+	echo "lint: ok"
+
+test: deps venv lint
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# pytest exits 5 when no test is selected; that is not a failure here.
+test-slow: deps venv
+	rc=0; $(VENV)/bin/pytest -q -m slow || rc=$$?
+	if [ "$$rc" -eq 5 ]; then echo "test-slow: no slow tests collected"; exit 0; fi
+	exit "$$rc"
+
+bench: venv
+	$(VENV)/bin/python bench/bench_rpc.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis ./*.egg-info
+	find . \( -path ./.git -o -path ./var \) -prune -o -type d -name __pycache__ -print0 | xargs -0 rm -rf

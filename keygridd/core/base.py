@@ -1,0 +1,116 @@
+"""Shared state and lookups of the core: slots, applications, handle checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from keygridd.core.model import Application, Obj, Peer, Session, Slot
+from keygridd.mechanisms import LoadedKey, load_key
+from keygridd.pkcs11 import CKU
+from keygridd.pkcs11.errors import (
+    ObjectHandleInvalid,
+    SessionHandleInvalid,
+    SlotIdInvalid,
+    TokenNotPresent,
+    UserNotLoggedIn,
+)
+
+
+class CoreState:
+    """Slots and applications, plus the checks every function starts with."""
+
+    def __init__(self, slots: Iterable[Slot]) -> None:
+        self.slots: dict[int, Slot] = {slot.slot_id: slot for slot in slots}
+        self.apps: dict[bytes, Application] = {}
+        for slot in self.slots.values():
+            slot.load_objects()
+
+    # --- applications --------------------------------------------------------------------------
+
+    def open_application(self, app_id: bytes, peer: Peer) -> Application:
+        app = Application(app_id, peer)
+        self.apps[app_id] = app
+        return app
+
+    def close_application(self, app: Application) -> None:
+        """The application went away: its sessions, session objects and logins go with it."""
+        for session in list(app.sessions.values()):
+            self._drop_session(session)
+        app.login.clear()
+        self.apps.pop(app.app_id, None)
+
+    # --- lookups -------------------------------------------------------------------------------
+
+    def slot(self, app: Application, slot_id: int) -> Slot:
+        slot = self.slots.get(slot_id)
+        if slot is None or not slot.allows(app.peer):
+            raise SlotIdInvalid(f"no slot {slot_id}")
+        return slot
+
+    def token_slot(self, app: Application, slot_id: int) -> Slot:
+        slot = self.slot(app, slot_id)
+        if not slot.ready:
+            raise TokenNotPresent(f"the token of slot {slot_id} is not available")
+        return slot
+
+    def session(self, app: Application, handle: int) -> Session:
+        session = app.sessions.get(handle)
+        if session is None:
+            raise SessionHandleInvalid(f"no session {handle}")
+        return session
+
+    def logged_in_user(self, session: Session) -> bool:
+        return session.app.login.get(session.slot_id) == CKU.USER
+
+    def visible(self, session: Session, obj: Obj) -> bool:
+        if obj.destroyed or obj.slot_id != session.slot_id:
+            return False
+        if obj.owner is not None and obj.owner.app is not session.app:
+            return False
+        return not obj.private or self.logged_in_user(session)
+
+    def object(self, session: Session, handle: int, error: type[Exception] = ObjectHandleInvalid) -> Obj:
+        obj = session.app.object(handle)
+        if obj is None or not self.visible(session, obj):
+            raise error(f"no object {handle}")
+        return obj
+
+    def key(self, session: Session, obj: Obj) -> LoadedKey:
+        return obj.loaded(load_key)
+
+    def objects_of(self, session: Session) -> Iterable[Obj]:
+        slot = self.slots[session.slot_id]
+        yield from slot.objects.values()
+        yield from (o for o in session.app.session_objects.values() if o.slot_id == session.slot_id)
+
+    def require_user(self, session: Session) -> None:
+        if not self.logged_in_user(session):
+            raise UserNotLoggedIn("log in as the user first")
+
+    # --- session teardown ------------------------------------------------------------------------
+
+    def _drop_session(self, session: Session) -> None:
+        app = session.app
+        app.sessions.pop(session.handle, None)
+        session.ops.clear()
+        for oid, obj in list(app.session_objects.items()):
+            if obj.owner is session:
+                obj.destroyed = True
+                app.forget(obj)
+                del app.session_objects[oid]
+        if not any(s.slot_id == session.slot_id for s in app.sessions.values()):
+            # Last session of the application on this token: it is logged out (v2.40 Base 5.6).
+            self._logout(app, session.slot_id)
+
+    def _logout(self, app: Application, slot_id: int) -> None:
+        if app.login.pop(slot_id, None) is None:
+            return
+        # Handles to private objects become invalid; private session objects are destroyed (Base 5.6).
+        app.forget_where(lambda o: o.slot_id == slot_id and o.private)
+        for oid, obj in list(app.session_objects.items()):
+            if obj.slot_id == slot_id and obj.private:
+                obj.destroyed = True
+                del app.session_objects[oid]
+        for session in app.sessions.values():
+            if session.slot_id == slot_id:
+                session.ops.clear()

@@ -1,0 +1,182 @@
+"""The state the core keeps: slots, applications, sessions, objects, operations.
+
+* A ``Slot`` is configured once and holds its token's store and in-memory
+  token objects (shared by every application allowed to see the slot).
+* An ``Application`` is one client (PKCS#11 v2.40 Base 2.5: each application
+  has its own sessions, object handles and login state). Object handles are
+  per application: a handle never given to an application does not exist for it.
+* A ``Session`` holds at most one active operation of each kind.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from keygridd.core.store import Attributes, TokenStore
+from keygridd.mechanisms import LoadedKey, MechanismInfo
+from keygridd.pkcs11 import CKA, CKK, CKO, CKS, CKU
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Credentials of the process at the other end of a connection (SO_PEERCRED)."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: frozenset[int] = frozenset()
+
+
+class Obj:
+    """An object: its attributes and, for keys, the parsed key (cached)."""
+
+    __slots__ = ("_loaded", "attrs", "destroyed", "oid", "owner", "slot_id")
+
+    def __init__(self, oid: bytes, attrs: Attributes, slot_id: int, owner: Session | None) -> None:
+        self.oid = oid
+        self.attrs = attrs
+        self.slot_id = slot_id
+        self.owner = owner  # the session that created a session object; None for token objects
+        self.destroyed = False
+        self._loaded: LoadedKey | None = None
+
+    @property
+    def is_token(self) -> bool:
+        return self.owner is None
+
+    @property
+    def cls(self) -> int:
+        value = self.attrs.get(CKA.CLASS, CKO.DATA)
+        return int(value) if isinstance(value, int) else CKO.DATA
+
+    @property
+    def key_type(self) -> int | None:
+        value = self.attrs.get(CKA.KEY_TYPE)
+        return int(value) if isinstance(value, int) else None
+
+    @property
+    def private(self) -> bool:
+        return bool(self.attrs.get(CKA.PRIVATE, False))
+
+    def flag(self, attr: int) -> bool:
+        return self.attrs.get(attr) is True
+
+    def loaded(self, load: Callable[[Attributes], LoadedKey]) -> LoadedKey:
+        if self._loaded is None:
+            self._loaded = load(self.attrs)
+        return self._loaded
+
+    def replace(self, attrs: Attributes) -> None:
+        self.attrs = attrs
+        self._loaded = None
+
+
+def new_oid() -> bytes:
+    return secrets.token_bytes(16)
+
+
+class OpKind(Enum):
+    FIND = "find"
+    ENCRYPT = "encrypt"
+    DECRYPT = "decrypt"
+    DIGEST = "digest"
+    SIGN = "sign"
+    VERIFY = "verify"
+
+
+@dataclass(slots=True)
+class Operation:
+    kind: OpKind
+    context: Any  # the mechanism's context, or the list of handles for FIND
+    mechanism: int
+    key: Obj | None = None
+    thread: bool = False
+    multipart: bool = False
+    needs_context_login: bool = False  # CKA_ALWAYS_AUTHENTICATE: C_Login(CKU_CONTEXT_SPECIFIC) first
+    pending: tuple[str, bytes, bytes] | None = None  # (step, input, output) kept for a retried short buffer
+
+
+@dataclass(slots=True)
+class Session:
+    handle: int
+    slot_id: int
+    app: Application
+    rw: bool
+    ops: dict[OpKind, Operation] = field(default_factory=dict)
+
+    def state(self) -> int:
+        login = self.app.login.get(self.slot_id)
+        if login == CKU.SO:
+            return CKS.RW_SO_FUNCTIONS
+        if login == CKU.USER:
+            return CKS.RW_USER_FUNCTIONS if self.rw else CKS.RO_USER_FUNCTIONS
+        return CKS.RW_PUBLIC_SESSION if self.rw else CKS.RO_PUBLIC_SESSION
+
+
+class Application:
+    """One PKCS#11 application: a client connection, or several joined by app id."""
+
+    def __init__(self, app_id: bytes, peer: Peer) -> None:
+        self.app_id = app_id
+        self.peer = peer
+        self.sessions: dict[int, Session] = {}
+        self.login: dict[int, int] = {}  # slot id -> CKU of the logged-in user
+        self.session_objects: dict[bytes, Obj] = {}
+        self._handles: dict[int, Obj] = {}
+        self._handle_of: dict[int, int] = {}  # id(obj) -> handle
+        self._next_handle = 1
+        self._next_session = 1
+
+    def new_session_handle(self) -> int:
+        handle = self._next_session
+        self._next_session += 1
+        return handle
+
+    def handle_for(self, obj: Obj) -> int:
+        handle = self._handle_of.get(id(obj))
+        if handle is None:
+            handle = self._next_handle
+            self._next_handle += 1
+            self._handles[handle] = obj
+            self._handle_of[id(obj)] = handle
+        return handle
+
+    def object(self, handle: int) -> Obj | None:
+        obj = self._handles.get(handle)
+        if obj is not None and obj.destroyed:
+            self.forget(obj)
+            return None
+        return obj
+
+    def forget(self, obj: Obj) -> None:
+        handle = self._handle_of.pop(id(obj), None)
+        if handle is not None:
+            del self._handles[handle]
+
+    def forget_where(self, predicate: Callable[[Obj], bool]) -> None:
+        for obj in [o for o in self._handles.values() if predicate(o)]:
+            self.forget(obj)
+
+
+@dataclass
+class Slot:
+    """A configured slot and its token."""
+
+    slot_id: int
+    description: str
+    provider: str
+    store: TokenStore
+    mechanisms: dict[int, MechanismInfo]
+    allows: Callable[[Peer], bool]
+    objects: dict[bytes, Obj] = field(default_factory=dict)
+    ready: bool = True
+
+    def load_objects(self) -> None:
+        self.objects = {oid: Obj(oid, dict(attrs), self.slot_id, None) for oid, attrs in self.store.objects().items()}
+
+
+SESSION_KEY_TYPES = {CKK.EC, CKK.RSA}

@@ -1,0 +1,1 @@
+"""The wire: call table, MessagePack codec and framing. No I/O here."""

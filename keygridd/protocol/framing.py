@@ -1,0 +1,54 @@
+"""Frames: a 4-byte big-endian length, then that many bytes of MessagePack.
+
+``FrameReader`` is sans-I/O: feed it bytes as they arrive and pull complete
+frames out. A length of 0 or above the limit is a framing error: the
+connection cannot be resynchronised and must be closed.
+"""
+
+from __future__ import annotations
+
+import struct
+
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 1 << 20
+
+
+class FramingError(Exception):
+    """The byte stream cannot be split into frames any more."""
+
+
+def encode_frame(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    if not 0 < len(body) <= max_frame:
+        raise FramingError(f"frame of {len(body)} bytes (limit {max_frame})")
+    return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Accumulates bytes and yields complete frame bodies."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_frame(self) -> bytes | None:
+        """The next complete frame body, or None if more bytes are needed."""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return None
+        (length,) = HEADER.unpack_from(buffer)
+        if length == 0 or length > self.max_frame:
+            raise FramingError(f"frame length {length} outside 1..{self.max_frame}")
+        end = 4 + length
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[4:end])
+        del buffer[:end]
+        return body
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a frame."""
+        return len(self._buffer)

@@ -1,0 +1,1 @@
+"""Providers: one backend each, behind the small interface in ``base.py``."""

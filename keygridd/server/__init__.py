@@ -1,0 +1,1 @@
+"""trio I/O only: the listener, connections, the dispatcher's scheduling, lifecycle."""

@@ -1,0 +1,222 @@
+"""One client connection: handshake, frames in, concurrent requests, frames out.
+
+Requests on one session are processed in arrival order (a chain of events per
+session); requests on different sessions, and slot-level calls, run
+concurrently. At most ``MAX_IN_FLIGHT`` requests of a connection run at once:
+beyond that the connection stops reading (back-pressure). A framing error
+(bad length, malformed MessagePack, a first request that is not ``hello``)
+gets a FATAL message and the connection is closed; every other bad request
+gets its CKR and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+import keygridd
+from keygridd.core.model import Application, Peer
+from keygridd.pkcs11 import CKR
+from keygridd.pkcs11.errors import PKCS11Error
+from keygridd.protocol import codec
+from keygridd.protocol.calls import FEATURES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Lock
+from keygridd.protocol.framing import FrameReader, FramingError, encode_frame
+from keygridd.server.dispatch import Dispatcher
+
+log = logging.getLogger("keygridd.connection")
+
+MAX_IN_FLIGHT = 64
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the framing or handshake rules: close the connection."""
+
+
+@dataclass
+class Applications:
+    """Applications by id, with the number of connections each has."""
+
+    dispatcher: Dispatcher
+    refs: dict[bytes, int] = field(default_factory=dict)
+
+    def join(self, app_id: bytes | None, peer: Peer) -> Application:
+        core = self.dispatcher.core
+        if app_id is None:
+            app = core.open_application(secrets.token_bytes(16), peer)
+        else:
+            found = core.apps.get(app_id)
+            if found is None or found.peer.pid != peer.pid or found.peer.uid != peer.uid:
+                raise ProtocolViolation("unknown application id for this peer")
+            app = found
+        self.refs[app.app_id] = self.refs.get(app.app_id, 0) + 1
+        return app
+
+    def leave(self, app: Application) -> None:
+        count = self.refs.get(app.app_id, 0) - 1
+        if count <= 0:
+            self.refs.pop(app.app_id, None)
+            self.dispatcher.core.close_application(app)
+        else:
+            self.refs[app.app_id] = count
+
+
+class Connection:
+    def __init__(
+        self, stream: trio.abc.Stream, peer: Peer, apps: Applications, max_frame: int, max_attributes: int
+    ) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.apps = apps
+        self.dispatcher = apps.dispatcher
+        self.max_frame = max_frame
+        self.max_attributes = max_attributes
+        self.reader = FrameReader(max_frame)
+        self.send_lock = trio.Lock()
+        self.slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self.tails: dict[Any, trio.Event] = {}
+        self.app: Application | None = None
+        self.read_scope = trio.CancelScope()
+
+    async def send(self, message: list[Any]) -> None:
+        body = codec.pack(message)
+        if len(body) > self.max_frame:
+            rv = CKR.DEVICE_MEMORY
+            body = codec.pack([message[0], message[1], rv, None, f"reply of {len(body)} bytes exceeds the frame limit"])
+        async with self.send_lock:
+            await self.stream.send_all(encode_frame(body, self.max_frame))
+
+    async def next_message(self) -> Any | None:
+        while True:
+            body = self.reader.next_frame()
+            if body is not None:
+                try:
+                    return codec.unpack(body)
+                except ValueError as exc:
+                    raise ProtocolViolation(str(exc)) from None
+            data = await self.stream.receive_some(65536)
+            if not data:
+                if self.reader.pending:
+                    raise ProtocolViolation("connection closed inside a frame")
+                return None
+            self.reader.feed(bytes(data))
+
+    async def handshake(self) -> Application | None:
+        message = await self.next_message()
+        if message is None:
+            return None
+        if not (isinstance(message, list) and len(message) == 4 and message[0] == codec.REQUEST):
+            raise ProtocolViolation("expected a request")
+        _, msgid, method, args = message
+        if method != "hello" or not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], dict)):
+            raise ProtocolViolation("the first request must be hello")
+        request = args[0]
+        versions = request.get("versions", [1, 1])
+        if not (isinstance(versions, list) and len(versions) == 2 and all(isinstance(v, int) for v in versions)):
+            raise ProtocolViolation("hello: versions must be [min, max]")
+        low, high = max(versions[0], PROTOCOL_VERSION_MIN), min(versions[1], PROTOCOL_VERSION_MAX)
+        if low > high:
+            await self.send([codec.RESPONSE, msgid, CKR.FUNCTION_FAILED, None, "no common protocol version"])
+            raise ProtocolViolation("no common protocol version")
+        app_id = request.get("app_id")
+        if app_id is not None and not isinstance(app_id, bytes):
+            raise ProtocolViolation("hello: app_id must be binary")
+        app = self.apps.join(app_id, self.peer)
+        wanted = request.get("features", [])
+        features = [f for f in FEATURES if isinstance(wanted, list) and f in wanted]
+        await self.send(
+            [
+                codec.RESPONSE,
+                msgid,
+                CKR.OK,
+                {
+                    "version": high,
+                    "features": features,
+                    "app_id": app.app_id,
+                    "server": f"keygridd {keygridd.__version__}",
+                    "limits": {"max_frame": self.max_frame, "max_attributes": self.max_attributes},
+                },
+                None,
+            ]
+        )
+        return app
+
+    async def serve(self) -> None:
+        try:
+            app = await self.handshake()
+        except ProtocolViolation as exc:
+            await self.fatal(str(exc))
+            return
+        except FramingError as exc:
+            await self.fatal(str(exc))
+            return
+        if app is None:
+            return
+        self.app = app
+        try:
+            async with trio.open_nursery() as nursery:
+                with self.read_scope:
+                    try:
+                        await self.read_loop(app, nursery)
+                    except (ProtocolViolation, FramingError) as exc:
+                        await self.fatal(str(exc))
+                        nursery.cancel_scope.cancel()
+                        return
+                    if not self.read_scope.cancelled_caught:
+                        nursery.cancel_scope.cancel()  # peer gone: abandon its in-flight calls
+        finally:
+            self.apps.leave(app)
+
+    async def read_loop(self, app: Application, nursery: trio.Nursery) -> None:
+        while True:
+            await self.slots.acquire()
+            message = await self.next_message()
+            if message is None:
+                return
+            if not (isinstance(message, list) and len(message) == 4 and message[0] == codec.REQUEST):
+                raise ProtocolViolation("expected [0, id, method, args]")
+            _, msgid, method, raw_args = message
+            if not isinstance(msgid, int):
+                raise ProtocolViolation("request id must be an integer")
+            try:
+                call, args = self.dispatcher.prepare(app, method, raw_args)
+            except PKCS11Error as exc:
+                self.slots.release()
+                await self.send([codec.RESPONSE, msgid, exc.rv, None, exc.message or None])
+                continue
+            key: Any = None
+            if call.lock is Lock.SESSION:
+                key = ("session", args[0])
+            elif call.lock is Lock.APP:
+                key = ("app",)
+            previous = self.tails.get(key) if key is not None else None
+            done = trio.Event()
+            if key is not None:
+                self.tails[key] = done
+            nursery.start_soon(self.run_request, app, msgid, call, args, previous, done, key)
+
+    async def run_request(self, app: Application, msgid: int, call: Any, args: list[Any], previous: trio.Event | None,
+                          done: trio.Event, key: Any) -> None:  # fmt: skip
+        try:
+            if previous is not None:
+                await previous.wait()
+            rv, result, message = await self.dispatcher.dispatch(app, call, args)
+            try:
+                await self.send([codec.RESPONSE, msgid, int(rv), result, message])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        finally:
+            done.set()
+            if key is not None and self.tails.get(key) is done:
+                del self.tails[key]
+            self.slots.release()
+
+    async def fatal(self, message: str) -> None:
+        log.warning("closing connection of pid %d: %s", self.peer.pid, message)
+        try:
+            await self.send([codec.FATAL, 0, CKR.ARGUMENTS_BAD, message])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

@@ -1,0 +1,146 @@
+"""Running the daemon: build slots from settings, serve, shut down cleanly.
+
+Start: providers are looked up by entry point and their options validated,
+each slot's token store opened (and initialised from ``slots[].token`` when it
+is not yet), then the socket is opened and ``READY=1`` sent to systemd.
+SIGTERM/SIGINT: stop accepting and reading new requests, let in-flight calls
+finish for up to ``shutdown_grace_seconds``, then close everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from keygridd.config import Settings
+from keygridd.core.core import Core
+from keygridd.core.model import Peer, Slot
+from keygridd.pkcs11 import CKU
+from keygridd.providers.base import Provider
+from keygridd.server.connection import Applications, Connection
+from keygridd.server.dispatch import Dispatcher
+from keygridd.server.listener import notify, open_socket, peer_of
+
+log = logging.getLogger("keygridd")
+
+
+@dataclass
+class Daemon:
+    settings: Settings
+    core: Core
+    providers: dict[int, Provider]
+
+    @classmethod
+    def build(cls, settings: Settings, options: dict[int, Any], lookup: Callable[[str], type[Provider]]) -> Daemon:
+        providers: dict[int, Provider] = {}
+        slots: list[Slot] = []
+        for slot_settings in settings.slots:
+            provider = lookup(slot_settings.provider)(slot_settings.id, options[slot_settings.id])
+            store = provider.open_store()
+            if slot_settings.token is not None and not store.initialized:
+                init = slot_settings.token
+                store.init_token(init.so_pin.encode(), init.label.encode().ljust(32, b" "))
+                if init.user_pin is not None:
+                    store.init_pin(init.user_pin.encode())
+            access = slot_settings.access
+            providers[slot_settings.id] = provider
+            slots.append(
+                Slot(
+                    slot_id=slot_settings.id,
+                    description=slot_settings.description,
+                    provider=slot_settings.provider,
+                    store=store,
+                    mechanisms=provider.mechanisms(),
+                    allows=lambda peer, access=access: access.allows(peer.uid, peer.gid, peer.groups),  # type: ignore[misc]
+                )
+            )
+        return cls(settings, Core(slots), providers)
+
+    def summary(self) -> list[str]:
+        lines = [f"socket: {self.settings.server.socket}"]
+        for slot in sorted(self.core.slots.values(), key=lambda s: s.slot_id):
+            label = slot.store.label.decode("utf-8", "replace").rstrip(" ") or "(not initialised)"
+            lines.append(f"slot {slot.slot_id}: {slot.provider} token '{label}' - {slot.description}")
+        return lines
+
+    def close(self) -> None:
+        for slot in self.core.slots.values():
+            slot.store.close()
+        for provider in self.providers.values():
+            provider.close()
+
+
+async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    server = daemon.settings.server
+    dispatcher = Dispatcher(
+        daemon.core, daemon.providers, trio.CapacityLimiter(server.worker_threads), server.max_attributes
+    )
+    apps = Applications(dispatcher)
+    sock, activated = open_socket(server.socket, server.socket_mode, server.socket_group)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    connections: set[Connection] = set()
+    accepting = trio.CancelScope()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            peer = peer_of(stream.socket)
+        except OSError:
+            await stream.aclose()
+            return
+        if len(connections) >= server.max_connections:
+            log.warning("refusing pid %d: %d connections open", peer.pid, len(connections))
+            await stream.aclose()
+            return
+        conn = Connection(stream, peer, apps, server.max_frame_bytes, server.max_attributes)
+        connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            connections.discard(conn)
+            await stream.aclose()
+
+    async def stop_on_signal(nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                accepting.cancel()
+                for conn in list(connections):
+                    conn.read_scope.cancel()
+                with trio.move_on_after(server.shutdown_grace_seconds):
+                    while connections:
+                        await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+                return
+
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def accept(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                with accepting:
+                    await trio.serve_listeners(handle, [listener], handler_nursery=nursery, task_status=task_status)
+
+            nursery.start_soon(stop_on_signal, nursery)
+            await nursery.start(accept)
+            notify("READY=1")
+            task_status.started(server.socket)
+            log.info("serving on %s%s", server.socket, " (socket activation)" if activated else "")
+    finally:
+        notify("STOPPING=1")
+        await listener.aclose()
+        if not activated:
+            with contextlib.suppress(OSError):
+                os.unlink(server.socket)
+
+
+def anonymous_peer() -> Peer:
+    return Peer(uid=-1, gid=-1, pid=0)
+
+
+__all__ = ["CKU", "Daemon", "serve"]

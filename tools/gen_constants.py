@@ -1,0 +1,206 @@
+"""Generate keygridd/pkcs11/_constants.py from the system PKCS#11 header.
+
+The header is p11-kit's ``pkcs11.h`` (Debian libp11-kit-dev), which carries
+PKCS#11 v2.40 plus some later names. Constants that v3.0 adds and that header
+lacks are listed in ``SPEC_30`` below, each with the section of the PKCS#11
+v3.0 Specification / Current Mechanisms document that defines it.
+
+Run: python tools/gen_constants.py [HEADER] > keygridd/pkcs11/_constants.py
+``tests/unit/pkcs11/test_constants.py`` fails when the committed file is stale.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+HEADER = "/usr/include/p11-kit-1/p11-kit/pkcs11.h"
+
+# Enum families emitted as IntEnum (one per spec prefix).
+ENUM_PREFIXES = ("CKA", "CKC", "CKD", "CKG", "CKH", "CKK", "CKM", "CKO", "CKR", "CKS", "CKU", "CKZ")
+
+# v3.0 constants missing from p11-kit 0.24's header, and v2.40 values it gets wrong.
+SPEC_30: dict[str, int] = {
+    # PKCS#11 v3.0 Current Mechanisms 2.14 (AES key wrap), 2.22 (SHA-3)
+    "CKM_AES_KEY_WRAP_PAD": 0x210A,
+    "CKM_AES_KEY_WRAP_KWP": 0x210B,
+    "CKM_SHA3_256": 0x2B0,
+    "CKM_SHA3_256_HMAC": 0x2B1,
+    "CKM_SHA3_256_HMAC_GENERAL": 0x2B2,
+    "CKM_SHA3_256_KEY_GEN": 0x2B3,
+    "CKM_SHA3_224": 0x2B5,
+    "CKM_SHA3_224_HMAC": 0x2B6,
+    "CKM_SHA3_224_HMAC_GENERAL": 0x2B7,
+    "CKM_SHA3_224_KEY_GEN": 0x2B8,
+    "CKM_SHA3_384": 0x2C0,
+    "CKM_SHA3_384_HMAC": 0x2C1,
+    "CKM_SHA3_384_HMAC_GENERAL": 0x2C2,
+    "CKM_SHA3_384_KEY_GEN": 0x2C3,
+    "CKM_SHA3_512": 0x2D0,
+    "CKM_SHA3_512_HMAC": 0x2D1,
+    "CKM_SHA3_512_HMAC_GENERAL": 0x2D2,
+    "CKM_SHA3_512_KEY_GEN": 0x2D3,
+    "CKM_SHA3_224_RSA_PKCS": 0x66,
+    "CKM_SHA3_256_RSA_PKCS": 0x60,
+    "CKM_SHA3_384_RSA_PKCS": 0x61,
+    "CKM_SHA3_512_RSA_PKCS": 0x62,
+    "CKM_SHA3_224_RSA_PKCS_PSS": 0x67,
+    "CKM_SHA3_256_RSA_PKCS_PSS": 0x63,
+    "CKM_SHA3_384_RSA_PKCS_PSS": 0x64,
+    "CKM_SHA3_512_RSA_PKCS_PSS": 0x65,
+    "CKM_ECDSA_SHA3_224": 0x1047,
+    "CKM_ECDSA_SHA3_256": 0x1048,
+    "CKM_ECDSA_SHA3_384": 0x1049,
+    "CKM_ECDSA_SHA3_512": 0x104A,
+    "CKM_EC_MONTGOMERY_KEY_PAIR_GEN": 0x1056,
+    # v3.0 Base 4.4 (profiles), 5.6 (CKA additions)
+    "CKA_UNIQUE_ID": 0x4,
+    "CKA_PROFILE_ID": 0x601,
+    "CKO_PROFILE": 0x9,
+    "CKK_SHA3_224_HMAC": 0x36,
+    "CKK_SHA3_256_HMAC": 0x37,
+    "CKK_SHA3_384_HMAC": 0x38,
+    "CKK_SHA3_512_HMAC": 0x39,
+    "CKK_EC_MONTGOMERY": 0x41,
+    # v3.0 Current Mechanisms 2.21 (generic key generation per hash)
+    "CKM_SHA_1_KEY_GEN": 0x4003,
+    "CKM_SHA224_KEY_GEN": 0x4004,
+    "CKM_SHA256_KEY_GEN": 0x4005,
+    "CKM_SHA384_KEY_GEN": 0x4006,
+    "CKM_SHA512_KEY_GEN": 0x4007,
+    "CKG_MGF1_SHA3_224": 0x6,
+    "CKG_MGF1_SHA3_256": 0x7,
+    "CKG_MGF1_SHA3_384": 0x8,
+    "CKG_MGF1_SHA3_512": 0x9,
+    # v3.0 Base 5.1 (return values)
+    "CKR_OPERATION_CANCEL_FAILED": 0x202,
+    "CKR_TOKEN_RESOURCE_EXCEEDED": 0x201,
+    "CKR_PIN_TOO_WEAK": 0x1B8,
+    "CKR_PUBLIC_KEY_INVALID": 0x1B9,
+    "CKR_FUNCTION_REJECTED": 0x200,
+    "CKR_CURVE_NOT_SUPPORTED": 0x140,
+    "CKR_EXCEEDED_MAX_ITERATIONS": 0x1B5,
+    "CKR_FIPS_SELF_TEST_FAILED": 0x1B6,
+    "CKR_LIBRARY_LOAD_FAILED": 0x1B7,
+    "CKR_ACTION_PROHIBITED": 0x1B,
+    "CKU_CONTEXT_SPECIFIC": 2,
+}
+
+# Canonical names where the header keeps deprecated aliases of the same value.
+PREFERRED = {"CKA_EC_PARAMS", "CKK_EC", "CKM_EC_KEY_PAIR_GEN", "CKK_GENERIC_SECRET", "CKA_CERTIFICATE_CATEGORY"}
+
+DEFINE = re.compile(r"^#define\s+(CK[A-Z]_[A-Z0-9_]+)\s+(.+?)\s*$")
+
+
+def evaluate(expr: str, known: dict[str, int]) -> int | None:
+    """Evaluate a C constant expression built from literals and known names."""
+    text = re.sub(r"/\*.*?\*/", "", expr)
+    text = text.replace("(unsigned long)", "").replace("unsigned long", "")
+    text = re.sub(r"\b(0x[0-9A-Fa-f]+|\d+)[UuLl]+\b", r"\1", text)
+    text = re.sub(r"\b(CK[A-Z]_[A-Z0-9_]+)\b", lambda m: str(known[m.group(1)]) if m.group(1) in known else "?", text)
+    if "?" in text or not re.fullmatch(r"[0-9xXa-fA-F()<<|\s+\-~]*", text):
+        return None
+    try:
+        value = eval(text, {"__builtins__": {}})
+    except SyntaxError:
+        return None
+    return int(value) & 0xFFFFFFFFFFFFFFFF
+
+
+def read(header: str) -> dict[str, int]:
+    known: dict[str, int] = {}
+    with open(header, encoding="utf-8") as fh:
+        for line in fh:
+            match = DEFINE.match(line)
+            if not match:
+                continue
+            value = evaluate(match.group(2), known)
+            if value is not None:
+                known[match.group(1)] = value
+    # The spec's numbers win over the header's (p11-kit 0.24 numbers CKR_EXCEEDED_MAX_ITERATIONS
+    # and the four codes after it 0x1C0-0x1C4; v2.40 and v3.0 say 0x1B5-0x1B9).
+    known.update(SPEC_30)
+    return known
+
+
+def member(prefix: str, name: str) -> str:
+    short = name[len(prefix) + 1 :]
+    return "_" + short if short[0].isdigit() else short
+
+
+def render(known: dict[str, int]) -> str:
+    out = [
+        '"""PKCS#11 constants, one IntEnum per spec prefix.',
+        "",
+        "GENERATED by tools/gen_constants.py from p11-kit's pkcs11.h plus the v3.0",
+        "names listed there. Do not edit; regenerate and commit.",
+        '"""',
+        "",
+        "from enum import IntEnum",
+        "",
+        "",
+        "class SpecEnum(IntEnum):",
+        '    """An IntEnum whose str() and repr() print the PKCS#11 name (CKA_LABEL)."""',
+        "",
+        "    def __repr__(self) -> str:",
+        "        return f\"{type(self).__name__}_{self.name.lstrip('_')}\"",
+        "",
+        "    __str__ = __repr__",
+        "",
+    ]
+    for prefix in ENUM_PREFIXES:
+        names = sorted((n for n in known if n.startswith(prefix + "_")), key=lambda n: (known[n], n))
+        out.append("")
+        out.append(f"class {prefix}(SpecEnum):")
+        # Deprecated aliases share a value; the first name given a value is canonical.
+        names.sort(key=lambda n: (known[n], n not in PREFERRED, n))
+        for name in names:
+            out.append(f"    {member(prefix, name)} = 0x{known[name]:X}")
+        out.append("")
+    flags = sorted(n for n in known if n.startswith("CKF_"))
+    out.append("")
+    out.append("# CKF_* flags belong to several structures; the flag sets in flags.py group them.")
+    for name in flags:
+        out.append(f"{name} = 0x{known[name]:X}")
+    out.append("")
+    return "\n".join(out)
+
+
+def camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name[4:].split("_"))
+
+
+def render_errors(known: dict[str, int]) -> str:
+    out = [
+        '"""One PKCS11Error subclass per CKR_* code (PinIncorrect for CKR_PIN_INCORRECT).',
+        "",
+        "GENERATED by tools/gen_constants.py --errors. Do not edit; regenerate and commit.",
+        '"""',
+        "",
+        "from keygridd.pkcs11._constants import CKR",
+        "from keygridd.pkcs11.errorbase import PKCS11Error",
+        "",
+    ]
+    seen: set[int] = set()
+    names = sorted((n for n in known if n.startswith("CKR_")), key=lambda n: (known[n], n))
+    classes: list[tuple[str, str]] = []
+    for name in names:
+        if name in ("CKR_OK", "CKR_VENDOR_DEFINED") or known[name] in seen:
+            continue
+        seen.add(known[name])
+        cls = camel(name)
+        classes.append((cls, name))
+        out += ["", f"class {cls}(PKCS11Error):", f"    rv = CKR.{name[4:]}", ""]
+    out += ["", "ERRORS: dict[int, type[PKCS11Error]] = {", *[f"    CKR.{n[4:]}: {c}," for c, n in classes], "}", ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    header = args[0] if args else HEADER
+    known = read(header)
+    sys.stdout.write(render_errors(known) if "--errors" in sys.argv else render(known))
+
+
+if __name__ == "__main__":
+    main()
