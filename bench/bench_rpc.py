@@ -65,6 +65,7 @@ class Op:
 OPS = (
     Op("ping", 1),
     Op("ecdsa-p256-sign", 2),
+    Op("ecdsa-p256-KG_Sign", 1),
     Op("rsa2048-sha256-sign", 2),
     Op("aes256-gcm-encrypt-1k", 2),
 )
@@ -139,7 +140,7 @@ def setup_cryptography(op: str, _stack: contextlib.ExitStack, _address: str, _pi
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    if op == "ecdsa-p256-sign":
+    if op.startswith("ecdsa-p256"):
         ec_key = ec.generate_private_key(ec.SECP256R1())
         prehashed = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
         return lambda: ec_key.sign(DIGEST, prehashed)
@@ -181,6 +182,14 @@ def setup_keygridd(op: str, stack: contextlib.ExitStack, address: str, pin: str)
             return c.C_Sign(s, DIGEST)
 
         return sign_ec
+    if op == "ecdsa-p256-KG_Sign":
+        # One round trip: the key named by a PKCS#11 URI, found and used by the daemon.
+        label = f"bench-{os.getpid()}"
+        public = {CKA.TOKEN: True, CKA.VERIFY: True, CKA.EC_PARAMS: P256_OID_DER, CKA.LABEL: label.encode()}
+        token_private = {**private, CKA.TOKEN: True, CKA.LABEL: label.encode()}
+        c.C_GenerateKeyPair(s, Mechanism(CKM.EC_KEY_PAIR_GEN), public, token_private)
+        uri, ecdsa = f"pkcs11:token=bench;object={label};type=private", Mechanism(CKM.ECDSA)
+        return lambda: c.KG_Sign(uri, ecdsa, DIGEST)
     if op == "rsa2048-sha256-sign":
         public = {CKA.TOKEN: False, CKA.VERIFY: True, CKA.MODULUS_BITS: 2048, CKA.PUBLIC_EXPONENT: b"\x01\x00\x01"}
         _, rsa_key = c.C_GenerateKeyPair(s, Mechanism(CKM.RSA_PKCS_KEY_PAIR_GEN), public, private)

@@ -82,7 +82,11 @@ class Context:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so ``main`` can return the exit code."""
+    """argparse that raises instead of exiting, and takes no abbreviations (``--pin`` is not ``--pin-file``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)

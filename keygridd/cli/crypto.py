@@ -8,6 +8,7 @@ needs. ``verify`` prints "Signature OK" (exit 0) or "Signature invalid" (exit 1)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from keygridd.cli.hints import EXIT_FAILURE, CliError
@@ -68,7 +69,7 @@ def resolve(ctx: Context, operation: Operation, needs_pin: bool) -> tuple[Pkcs11
     assert key.object_class is not None and key.key_type is not None
     narrowed = with_type(uri, key.object_class)
     if narrowed.token is None and key.token.label:
-        narrowed = narrowed.__class__(**{**_fields(narrowed), "token": key.token.label})
+        narrowed = replace(narrowed, token=key.token.label)
     if ctx.args.mechanism is not None:
         mechanism = parse_mechanism(ctx.args.mechanism)
     else:
@@ -76,10 +77,6 @@ def resolve(ctx: Context, operation: Operation, needs_pin: bool) -> tuple[Pkcs11
     if key.object_class == CKO.SECRET_KEY and pin is None:
         pin = ctx.user_pin(uri)
     return narrowed, mechanism, pin
-
-
-def _fields(uri: Pkcs11Uri) -> dict[str, Any]:
-    return {name: getattr(uri, name) for name in uri.__dataclass_fields__}
 
 
 def sign(ctx: Context) -> int:

@@ -15,7 +15,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from keygridd.cli.hints import CliError, UsageError
-from keygridd.cli.objects import CURVES, describe_object, find_keys, find_objects, one_token, open_session, parse_uri
+from keygridd.cli.objects import (
+    CURVES,
+    describe_object,
+    find_keys,
+    find_objects,
+    one_token,
+    open_session,
+    parse_uri,
+    token_refs,
+)
 from keygridd.cli.output import format_table, read_input, write_output
 from keygridd.pkcs11 import CKA, CKK, CKM, CKO
 from keygridd.pkcs11.params import Mechanism
@@ -240,7 +249,7 @@ def delete_keys(ctx: Context) -> int:
     pin = ctx.user_pin(uri)
     client = ctx.client
     deleted = []
-    for token in [t for t in _tokens(ctx, uri) if t.initialized]:
+    for token in [t for t in token_refs(client, uri) if t.initialized]:
         with open_session(client, token.slot, rw=True, pin=pin) as session:
             for handle in find_objects(client, session, dict(uri.object_template())):
                 info = describe_object(client, session, token, handle)
@@ -251,12 +260,6 @@ def delete_keys(ctx: Context) -> int:
     rows = [(str(k.uri), k.type_name, k.kind) for k in deleted]
     ctx.out.emit([k.as_dict() for k in deleted], "deleted:\n" + format_table(("URI", "TYPE", "KEY"), rows))
     return 0
-
-
-def _tokens(ctx: Context, uri: Pkcs11Uri) -> list[Any]:
-    from keygridd.cli.objects import token_refs
-
-    return token_refs(ctx.client, uri)
 
 
 def export_public_key(ctx: Context) -> int:

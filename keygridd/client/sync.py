@@ -85,6 +85,7 @@ class Client:
                 return self.call(name, *full)
 
             method.__name__ = name
+            self.__dict__[name] = method  # later lookups skip __getattr__
             return method
         raise AttributeError(name)
 

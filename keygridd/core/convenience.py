@@ -8,6 +8,7 @@ visible to the application's sessions afterwards.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -146,7 +147,9 @@ class ConvenienceFunctions(CryptoFunctions):
         return mechanisms.public_key_info(key.attrs)
 
 
+@functools.lru_cache(maxsize=512)
 def _parse(text: str) -> Pkcs11Uri:
+    """Parse a URI once: applications repeat the same few (the result is immutable)."""
     try:
         return Pkcs11Uri.parse(text)
     except ValueError as exc:

@@ -25,6 +25,7 @@ from keygridd.mechanisms import Mechanism as MechanismImpl
 from keygridd.pkcs11 import CKA, CKO, MechanismFlag
 from keygridd.pkcs11.errors import (
     BufferTooSmall,
+    DataLenRange,
     EncryptedDataInvalid,
     EncryptedDataLenRange,
     FunctionNotSupported,
@@ -32,16 +33,23 @@ from keygridd.pkcs11.errors import (
     KeyHandleInvalid,
     KeyIndigestible,
     KeyNotWrappable,
+    KeySizeRange,
+    KeyTypeInconsistent,
     KeyUnextractable,
     MechanismInvalid,
     OperationActive,
     OperationNotInitialized,
     PKCS11Error,
+    TemplateInconsistent,
     UnwrappingKeyHandleInvalid,
+    UnwrappingKeySizeRange,
+    UnwrappingKeyTypeInconsistent,
     UserNotLoggedIn,
     WrappedKeyInvalid,
     WrappedKeyLenRange,
     WrappingKeyHandleInvalid,
+    WrappingKeySizeRange,
+    WrappingKeyTypeInconsistent,
 )
 from keygridd.pkcs11.params import Mechanism
 
@@ -367,9 +375,17 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         if isinstance(template, tuple) and template and not objects.matches(target.attrs, template):  # type: ignore[arg-type]
             raise KeyNotWrappable("the key does not match the wrapping key's CKA_WRAP_TEMPLATE")
         loaded = self.key(session, wrapper)
-        context = impl.encrypt_init(loaded, mechanism.param)
+        try:
+            context = impl.encrypt_init(loaded, mechanism.param)
+        except KeyTypeInconsistent:
+            raise WrappingKeyTypeInconsistent("the wrapping key does not suit the mechanism") from None
+        except KeySizeRange:
+            raise WrappingKeySizeRange("the wrapping key's size does not suit the mechanism") from None
         material = self._key_bytes(session, target)
-        output: bytes = yield Offload(lambda: context.one_shot(material), impl.cost(loaded) is Cost.THREAD)
+        try:
+            output: bytes = yield Offload(lambda: context.one_shot(material), impl.cost(loaded) is Cost.THREAD)
+        except DataLenRange:
+            raise KeySizeRange("the mechanism cannot wrap a key of this length") from None
         if out_len == -1 or (out_len is not None and len(output) > out_len):
             if out_len == -1:
                 return [None, len(output)]
@@ -384,7 +400,12 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         impl = self._mechanism(session, mechanism, MechanismFlag.UNWRAP)
         self._check_key_use(unwrapper, CKA.UNWRAP, mechanism.mechanism)
         loaded = self.key(session, unwrapper)
-        context = impl.decrypt_init(loaded, mechanism.param)
+        try:
+            context = impl.decrypt_init(loaded, mechanism.param)
+        except KeyTypeInconsistent:
+            raise UnwrappingKeyTypeInconsistent("the unwrapping key does not suit the mechanism") from None
+        except KeySizeRange:
+            raise UnwrappingKeySizeRange("the unwrapping key's size does not suit the mechanism") from None
         try:
             material: bytes = yield Offload(lambda: context.one_shot(wrapped), impl.cost(loaded) is Cost.THREAD)
         except EncryptedDataInvalid:
@@ -400,12 +421,19 @@ class CryptoFunctions(ObjectFunctions, CoreState):
                 raise WrappedKeyInvalid("the unwrapped data is not a PKCS#8 private key") from None
         else:
             made = {CKA.VALUE: material, CKA.VALUE_LEN: len(material)}
-        attrs = objects.build(template, Origin.UNWRAP, generated=made)
-        attrs = cast(Attributes, mechanisms.validate_import(attrs))
-        objects.set_key_origin(attrs, local=False, mechanism=None)
+        # The unwrapping key's CKA_UNWRAP_TEMPLATE joins the caller's template (Base 4.9): a value
+        # both give differently is inconsistent, and the policy table judges the union.
+        combined = list(template)
         unwrap_template = unwrapper.attrs.get(CKA.UNWRAP_TEMPLATE)
         if isinstance(unwrap_template, tuple):
-            attrs.update(dict(unwrap_template))  # type: ignore[arg-type]
+            for attr, value in cast(tuple[tuple[int, Any], ...], unwrap_template):
+                if attr not in given:
+                    combined.append((attr, value))
+                elif given[attr] != value:
+                    raise TemplateInconsistent("the template contradicts the unwrapping key's CKA_UNWRAP_TEMPLATE")
+        attrs = objects.build(combined, Origin.UNWRAP, generated=made)
+        attrs = cast(Attributes, mechanisms.validate_import(attrs))
+        objects.set_key_origin(attrs, local=False, mechanism=None)
         return (yield from self.store_object(session, attrs))
 
     def C_DeriveKey(
@@ -418,7 +446,7 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         loaded = self.key(session, base)
         given: Mapping[int, Any] = dict(template)
         secret: bytes = yield Offload(lambda: impl.derive(loaded, mechanism.param, given), False)
-        made: Attributes = {CKA.VALUE: secret, CKA.VALUE_LEN: len(secret)}
+        made: Attributes = {CKA.CLASS: CKO.SECRET_KEY, CKA.VALUE: secret, CKA.VALUE_LEN: len(secret)}
         attrs = objects.build(template, Origin.DERIVE, generated=made, default_cls=CKO.SECRET_KEY)
         attrs = cast(Attributes, mechanisms.validate_import(attrs))
         objects.set_key_origin(attrs, local=False, mechanism=None)

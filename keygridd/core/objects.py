@@ -124,12 +124,14 @@ def check_change(current: Mapping[int, AttrValue], template: Template, *, copyin
         rule = rules.get(attr)
         if rule is None:
             raise AttributeTypeInvalid(f"{_name(attr)} is not an attribute of this object class")
+        allowed = F.MODIFIABLE | (F.COPY if copying else F(0))
+        if not rule.flags & allowed:
+            # Even when the value is unchanged: an answer that depended on it would reveal
+            # secret values (CKA_VALUE) to whoever guesses them.
+            raise AttributeReadOnly(f"{_name(attr)} cannot be changed")
         old = current.get(attr)
         if value == old:
             continue
-        allowed = F.MODIFIABLE | (F.COPY if copying else F(0))
-        if not rule.flags & allowed:
-            raise AttributeReadOnly(f"{_name(attr)} cannot be changed")
         if rule.flags & F.STICKY_TRUE and old is True:
             raise AttributeReadOnly(f"{_name(attr)} cannot change once true")
         if rule.flags & F.STICKY_FALSE and old is False:

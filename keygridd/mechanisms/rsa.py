@@ -398,7 +398,7 @@ class RsaOaep(_RsaMechanism):
     def _padding(self, param: Param) -> tuple[padding.OAEP, int]:
         p = param_of(self, param, OaepParams)
         mgf = MGF1.get(p.mgf)
-        if p.hash_alg not in _OAEP_HASHES or mgf is None or mgf().name.startswith("sha3"):
+        if p.hash_alg not in _OAEP_HASHES or mgf is None or mgf().name.startswith("sha3-"):
             raise MechanismParamInvalid("CKM_RSA_PKCS_OAEP: hash or MGF not supported")
         if p.source != CKZ.DATA_SPECIFIED and not (p.source == 0 and not p.source_data):
             raise MechanismParamInvalid("CKM_RSA_PKCS_OAEP: source must be CKZ_DATA_SPECIFIED")

@@ -25,11 +25,12 @@ from keygridd.pkcs11.errors import PKCS11Error
 from keygridd.protocol import codec
 from keygridd.protocol.calls import FEATURES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Lock
 from keygridd.protocol.framing import FrameReader, FramingError, encode_frame
-from keygridd.server.dispatch import Dispatcher
+from keygridd.server.dispatch import Dispatcher, Pending
 
 log = logging.getLogger("keygridd.connection")
 
 MAX_IN_FLIGHT = 64
+EOF = object()  # next_message's answer when the peer closed the connection between frames
 
 
 class ProtocolViolation(Exception):
@@ -86,10 +87,18 @@ class Connection:
         if len(body) > self.max_frame:
             rv = CKR.DEVICE_MEMORY
             body = codec.pack([message[0], message[1], rv, None, f"reply of {len(body)} bytes exceeds the frame limit"])
-        async with self.send_lock:
-            await self.stream.send_all(encode_frame(body, self.max_frame))
+        frame = encode_frame(body, self.max_frame)
+        try:
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
+            await self.stream.send_all(frame)
+        finally:
+            self.send_lock.release()
 
-    async def next_message(self) -> Any | None:
+    async def next_message(self) -> Any:
+        """The next decoded message, or ``EOF`` when the peer closed between frames."""
         while True:
             body = self.reader.next_frame()
             if body is not None:
@@ -101,12 +110,12 @@ class Connection:
             if not data:
                 if self.reader.pending:
                     raise ProtocolViolation("connection closed inside a frame")
-                return None
+                return EOF
             self.reader.feed(bytes(data))
 
     async def handshake(self) -> Application | None:
         message = await self.next_message()
-        if message is None:
+        if message is EOF:
             return None
         if not (isinstance(message, list) and len(message) == 4 and message[0] == codec.REQUEST):
             raise ProtocolViolation("expected a request")
@@ -172,9 +181,8 @@ class Connection:
 
     async def read_loop(self, app: Application, nursery: trio.Nursery) -> None:
         while True:
-            await self.slots.acquire()
             message = await self.next_message()
-            if message is None:
+            if message is EOF:
                 return
             if not (isinstance(message, list) and len(message) == 4 and message[0] == codec.REQUEST):
                 raise ProtocolViolation("expected [0, id, method, args]")
@@ -184,7 +192,6 @@ class Connection:
             try:
                 call, args = self.dispatcher.prepare(app, method, raw_args)
             except PKCS11Error as exc:
-                self.slots.release()
                 await self.send([codec.RESPONSE, msgid, exc.rv, None, exc.message or None])
                 continue
             key: Any = None
@@ -193,21 +200,47 @@ class Connection:
             elif call.lock is Lock.APP:
                 key = ("app",)
             previous = self.tails.get(key) if key is not None else None
+            if previous is None:
+                # Fast path: nothing of this session in flight, so run it now, on the loop.
+                outcome = self.dispatcher.start(app, call, args)
+                if not isinstance(outcome, Pending):
+                    await self.reply(msgid, outcome)
+                    continue
+                started: Pending | None = outcome
+            else:
+                started = None
+            await self.slots.acquire()
             done = trio.Event()
             if key is not None:
                 self.tails[key] = done
-            nursery.start_soon(self.run_request, app, msgid, call, args, previous, done, key)
+            nursery.start_soon(self.run_request, app, msgid, call, args, started, previous, done, key)
 
-    async def run_request(self, app: Application, msgid: int, call: Any, args: list[Any], previous: trio.Event | None,
-                          done: trio.Event, key: Any) -> None:  # fmt: skip
+    async def reply(self, msgid: int, outcome: tuple[int, Any, str | None]) -> None:
+        rv, result, message = outcome
         try:
-            if previous is not None:
-                await previous.wait()
-            rv, result, message = await self.dispatcher.dispatch(app, call, args)
-            try:
-                await self.send([codec.RESPONSE, msgid, int(rv), result, message])
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            await self.send([codec.RESPONSE, msgid, int(rv), result, message])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def run_request(
+        self,
+        app: Application,
+        msgid: int,
+        call: Any,
+        args: list[Any],
+        started: Pending | None,
+        previous: trio.Event | None,
+        done: trio.Event,
+        key: Any,
+    ) -> None:
+        try:
+            if started is not None:
+                outcome = await self.dispatcher.finish(started)
+            else:
+                if previous is not None:
+                    await previous.wait()
+                outcome = await self.dispatcher.dispatch(app, call, args)
+            await self.reply(msgid, outcome)
         finally:
             done.set()
             if key is not None and self.tails.get(key) is done:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -23,11 +24,30 @@ from keygridd.pkcs11 import CKR
 from keygridd.pkcs11.errors import FunctionNotSupported, PKCS11Error, error_for
 from keygridd.protocol import codec
 from keygridd.protocol.calls import BY_NAME, Call
-from keygridd.providers.base import Provider
+from keygridd.providers.base import Effect, Provider
 
 log = logging.getLogger("keygridd.dispatch")
 
 Reply = tuple[int, Any, str | None]
+
+
+@dataclass
+class Pending:
+    """A call that must wait: for an injected delay, or for work in a worker thread."""
+
+    app: Application
+    call: Call
+    args: list[Any]
+    effect: Effect | None
+    gen: Generator[Offload, Any, Any] | None = None
+    request: Offload | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A value to send into a generator (wrapped so that None can be sent too)."""
+
+    value: Any
 
 
 class Dispatcher:
@@ -56,39 +76,87 @@ class Dispatcher:
             raise FunctionNotSupported(f"unknown method {method!r}")
         return call, codec.decode_args(call, raw_args, self.max_attributes)
 
-    async def dispatch(self, app: Application, call: Call, args: list[Any]) -> Reply:
+    def start(self, app: Application, call: Call, args: list[Any]) -> Reply | Pending:
+        """Run as much of the call as can run now: a reply, or what is left to await."""
         try:
             slot_id = self.slot_of(app, call, args)
             provider = self.providers.get(slot_id) if slot_id is not None else None
             if provider is not None:
                 effect = provider.effect(call.name)
                 if effect is not None:
-                    if effect.delay:
-                        await trio.sleep(effect.delay)
-                    if effect.error is not None:
-                        raise error_for(effect.error)("injected by the slot's scenario")
+                    return Pending(app, call, args, effect)
             result = getattr(self.core, call.name)(app, *args)
             if isinstance(result, Generator):
-                result = await self.drive(result)
+                return self._advance(app, call, result, None, None)
             return CKR.OK, result, None
-        except PKCS11Error as exc:
-            return exc.rv, exc.result, exc.message or None
-        except Exception:
-            log.exception("internal error in %s", call.name)
-            return CKR.GENERAL_ERROR, None, "internal error (logged by keygridd)"
+        except Exception as exc:
+            return self.reply_for(call, exc)
 
-    async def drive(self, gen: Generator[Offload, Any, Any]) -> Any:
+    def _advance(
+        self,
+        app: Application,
+        call: Call,
+        gen: Generator[Offload, Any, Any],
+        resume: _Sent | None,
+        error: Exception | None,
+    ) -> Reply | Pending:
+        """Drive a core generator inline until it finishes or asks for a worker thread."""
         try:
-            request = next(gen)
-            while True:
+            if error is not None:
+                request = gen.throw(error)
+            elif resume is not None:
+                request = gen.send(resume.value)
+            else:
+                request = next(gen)
+            while not request.thread:
                 try:
-                    if request.thread:
-                        value = await trio.to_thread.run_sync(request.fn, limiter=self.limiter)
-                    else:
-                        value = request.fn()
+                    value = request.fn()
                 except Exception as exc:
                     request = gen.throw(exc)
                 else:
                     request = gen.send(value)
+            return Pending(app, call, [], None, gen, request)
         except StopIteration as stop:
-            return stop.value
+            return CKR.OK, stop.value, None
+        except Exception as exc:
+            return self.reply_for(call, exc)
+
+    async def finish(self, pending: Pending) -> Reply:
+        """Await the rest of a call that ``start`` could not complete."""
+        try:
+            if pending.effect is not None:
+                if pending.effect.delay:
+                    await trio.sleep(pending.effect.delay)
+                if pending.effect.error is not None:
+                    raise error_for(pending.effect.error)("injected by the slot's scenario")
+                result = getattr(self.core, pending.call.name)(pending.app, *pending.args)
+                if not isinstance(result, Generator):
+                    return CKR.OK, result, None
+                outcome = self._advance(pending.app, pending.call, result, None, None)
+            else:
+                outcome = pending
+            while isinstance(outcome, Pending):
+                gen, request = outcome.gen, outcome.request
+                assert gen is not None and request is not None
+                try:
+                    value = await trio.to_thread.run_sync(request.fn, limiter=self.limiter)
+                except Exception as exc:
+                    outcome = self._advance(outcome.app, outcome.call, gen, None, exc)
+                else:
+                    outcome = self._advance(outcome.app, outcome.call, gen, _Sent(value), None)
+            return outcome
+        except Exception as exc:
+            return self.reply_for(pending.call, exc)
+
+    async def dispatch(self, app: Application, call: Call, args: list[Any]) -> Reply:
+        outcome = self.start(app, call, args)
+        if isinstance(outcome, Pending):
+            return await self.finish(outcome)
+        return outcome
+
+    def reply_for(self, call: Call, exc: Exception) -> Reply:
+        """The one place an exception becomes a CK_RV."""
+        if isinstance(exc, PKCS11Error):
+            return exc.rv, exc.result, exc.message or None
+        log.error("internal error in %s", call.name, exc_info=exc)
+        return CKR.GENERAL_ERROR, None, "internal error (logged by keygridd)"
