@@ -148,8 +148,9 @@ struct kg_config {
 };
 
 void kg_config_load(struct kg_config *cfg);
-CK_RV kg_transport_init(const struct kg_config *cfg);
-void kg_transport_close(int in_child);
+void kg_transport_init(const struct kg_config *cfg);
+void kg_transport_connect(void);
+void kg_transport_close(void);
 
 struct kg_conn;
 

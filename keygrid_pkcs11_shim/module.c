@@ -86,7 +86,7 @@ CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
 		return CKR_CRYPTOKI_ALREADY_INITIALIZED;
 	}
 	if (M.initialized) { /* a forked child: forget the parent's state */
-		kg_transport_close(1);
+		kg_transport_close();
 		memset(&M, 0, sizeof(M));
 	}
 	if (!atfork_done) atfork_done = !pthread_atfork(NULL, NULL, after_fork_child);
@@ -103,9 +103,10 @@ CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
 	M.pid = getpid();
 	M.initialized = 1;
 	KG_DEBUG("C_Initialize: socket %s", cfg.socket);
-	rv = kg_transport_init(&cfg);
+	kg_transport_init(&cfg);
 	pthread_mutex_unlock(&life_mutex);
-	return rv;
+	kg_transport_connect(); /* I/O outside the lock */
+	return CKR_OK;
 }
 
 CK_RV C_Finalize(CK_VOID_PTR pReserved)
@@ -116,12 +117,12 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved)
 	if (!M.initialized) {
 		rv = CKR_CRYPTOKI_NOT_INITIALIZED;
 	} else if (M.pid != getpid()) { /* a child: drop the inherited descriptors only */
-		kg_transport_close(1);
+		kg_transport_close();
 		memset(&M, 0, sizeof(M));
 		rv = CKR_CRYPTOKI_NOT_INITIALIZED;
 	} else {
 		KG_DEBUG("C_Finalize");
-		kg_transport_close(0);
+		kg_transport_close();
 		if (M.app_mutex) M.app.DestroyMutex(M.app_mutex);
 		memset(&M, 0, sizeof(M));
 	}

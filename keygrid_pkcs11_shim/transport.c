@@ -192,10 +192,11 @@ static CK_RV exchange(struct kg_conn *conn, struct kg_call *c, uint32_t max_fram
 {
 	uint8_t head[4];
 	int64_t deadline = deadline_in(T.cfg.call_timeout_ms);
-	size_t n = c->req.len - 4;
+	size_t n;
 	*clean = 1; /* nothing sent yet: the connection stays usable */
-	if (c->req.failed) return CKR_HOST_MEMORY;
-	if (n == 0 || n > max_frame) return CKR_DEVICE_MEMORY; /* the daemon would refuse the frame */
+	if (c->req.failed || c->req.len < 5) return CKR_HOST_MEMORY;
+	n = c->req.len - 4;
+	if (n > max_frame) return CKR_DEVICE_MEMORY; /* the daemon would refuse the frame */
 	*clean = 0;
 	for (int i = 0; i < 4; i++) c->req.data[i] = (uint8_t)(n >> (24 - 8 * i));
 	if (send_all(conn->fd, c->req.data, c->req.len, deadline) || recv_all(conn->fd, head, 4, deadline))
@@ -423,21 +424,21 @@ static CK_RV acquire(uint32_t want, struct kg_conn **out, int *absent)
 	}
 }
 
-CK_RV kg_transport_init(const struct kg_config *cfg)
+void kg_transport_init(const struct kg_config *cfg) { T.cfg = *cfg; }
+
+/* The first connection (and the daemon-side application), made at
+ * C_Initialize; an absent daemon is not an error: calls retry later. */
+void kg_transport_connect(void)
 {
 	int absent = 0;
 	struct kg_conn *conn;
-	T.cfg = *cfg;
-	/* Connect now so errors show early; an absent daemon is not an error. */
 	if (acquire(KG_GEN_NONE, &conn, &absent) == CKR_OK) release(conn, 1);
-	return CKR_OK;
 }
 
-/* Drops every connection. In a forked child, only our copies of the
- * descriptors are closed: nothing is sent on the parent's connections. */
-void kg_transport_close(int in_child)
+/* Drops every connection and session. Nothing is sent: in a forked child
+ * this only closes the child's copies of the parent's descriptors. */
+void kg_transport_close(void)
 {
-	(void)in_child;
 	while (T.conns) {
 		struct kg_conn *c = T.conns;
 		T.conns = c->next;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -17,7 +18,14 @@ from typing import Any
 import trio
 
 import keygridd
-from keygridd.config import ConfigError, Settings, load_config, validate_provider_options
+from keygridd.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    Settings,
+    load_config,
+    validate_provider_options,
+)
 from keygridd.providers import registry
 from keygridd.server.lifecycle import Daemon, serve
 from keygridd.server.listener import AddressInUse
@@ -49,7 +57,8 @@ def configure_logging(settings: Settings) -> None:
 
 def load(path: str | None) -> tuple[Settings, dict[int, Any]]:
     settings = load_config(path)
-    options = validate_provider_options(settings, registry.load, registry.names())
+    source = str(path) if path is not None else os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+    options = validate_provider_options(settings, registry.load, registry.names(), source=source)
     return settings, options
 
 

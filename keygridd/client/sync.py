@@ -30,8 +30,12 @@ class Client:
             raise
         self._proto = ClientProtocol()
         self._lock = threading.Lock()
-        rv, info = self._roundtrip("hello", *self._proto.hello(app_id))
-        result = result_of("hello", rv, info[0], info[1])
+        try:
+            rv, info = self._roundtrip("hello", *self._proto.hello(app_id))
+            result = result_of("hello", rv, info[0], info[1])
+        except BaseException:
+            self._sock.close()
+            raise
         self.server_info: dict[str, Any] = result
         self.app_id: bytes = result["app_id"]
         limits = result.get("limits", {})

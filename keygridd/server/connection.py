@@ -33,6 +33,17 @@ MAX_IN_FLIGHT = 64
 EOF = object()  # next_message's answer when the peer closed the connection between frames
 
 
+def _is_request(message: Any) -> bool:
+    """``[0, id, method, args]`` with integers that are not booleans."""
+    return (
+        isinstance(message, list)
+        and len(message) == 4
+        and type(message[0]) is int
+        and message[0] == codec.REQUEST
+        and type(message[1]) is int
+    )
+
+
 class ProtocolViolation(Exception):
     """The peer broke the framing or handshake rules: close the connection."""
 
@@ -106,7 +117,10 @@ class Connection:
                     return codec.unpack(body)
                 except ValueError as exc:
                     raise ProtocolViolation(str(exc)) from None
-            data = await self.stream.receive_some(65536)
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""  # the peer reset the connection: as good as closed
             if not data:
                 if self.reader.pending:
                     raise ProtocolViolation("connection closed inside a frame")
@@ -117,14 +131,14 @@ class Connection:
         message = await self.next_message()
         if message is EOF:
             return None
-        if not (isinstance(message, list) and len(message) == 4 and message[0] == codec.REQUEST):
+        if not _is_request(message):
             raise ProtocolViolation("expected a request")
         _, msgid, method, args = message
         if method != "hello" or not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], dict)):
             raise ProtocolViolation("the first request must be hello")
         request = args[0]
         versions = request.get("versions", [1, 1])
-        if not (isinstance(versions, list) and len(versions) == 2 and all(isinstance(v, int) for v in versions)):
+        if not (isinstance(versions, list) and len(versions) == 2 and all(type(v) is int for v in versions)):
             raise ProtocolViolation("hello: versions must be [min, max]")
         low, high = max(versions[0], PROTOCOL_VERSION_MIN), min(versions[1], PROTOCOL_VERSION_MAX)
         if low > high:
@@ -136,32 +150,35 @@ class Connection:
         app = self.apps.join(app_id, self.peer)
         wanted = request.get("features", [])
         features = [f for f in FEATURES if isinstance(wanted, list) and f in wanted]
-        await self.send(
-            [
-                codec.RESPONSE,
-                msgid,
-                CKR.OK,
-                {
-                    "version": high,
-                    "features": features,
-                    "app_id": app.app_id,
-                    "server": f"keygridd {keygridd.__version__}",
-                    "limits": {"max_frame": self.max_frame, "max_attributes": self.max_attributes},
-                },
-                None,
-            ]
-        )
+        try:
+            await self.send(
+                [
+                    codec.RESPONSE,
+                    msgid,
+                    CKR.OK,
+                    {
+                        "version": high,
+                        "features": features,
+                        "app_id": app.app_id,
+                        "server": f"keygridd {keygridd.__version__}",
+                        "limits": {"max_frame": self.max_frame, "max_attributes": self.max_attributes},
+                    },
+                    None,
+                ]
+            )
+        except BaseException:
+            self.apps.leave(app)
+            raise
         return app
 
     async def serve(self) -> None:
         try:
             app = await self.handshake()
-        except ProtocolViolation as exc:
+        except (ProtocolViolation, FramingError) as exc:
             await self.fatal(str(exc))
             return
-        except FramingError as exc:
-            await self.fatal(str(exc))
-            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # gone before the handshake finished
         if app is None:
             return
         self.app = app
@@ -184,11 +201,9 @@ class Connection:
             message = await self.next_message()
             if message is EOF:
                 return
-            if not (isinstance(message, list) and len(message) == 4 and message[0] == codec.REQUEST):
+            if not _is_request(message):
                 raise ProtocolViolation("expected [0, id, method, args]")
             _, msgid, method, raw_args = message
-            if not isinstance(msgid, int):
-                raise ProtocolViolation("request id must be an integer")
             try:
                 call, args = self.dispatcher.prepare(app, method, raw_args)
             except PKCS11Error as exc:

@@ -102,6 +102,10 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
         connections.add(conn)
         try:
             await conn.serve()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away; only its connection ends
+        except Exception:
+            log.exception("connection of pid %d failed", peer.pid)
         finally:
             connections.discard(conn)
             await stream.aclose()

@@ -129,16 +129,6 @@ def assert_usable(sock: socket.socket, msgid: int = 999) -> None:
     assert call(sock, msgid, "KG_Ping", []) == (CKR.OK, None)
 
 
-# keygridd/server/connection.py, Connection.next_message returns None both at EOF and for a frame
-# holding the MessagePack value nil, so handshake() and read_loop() take a nil message for "peer gone".
-NIL_IS_EOF = pytest.mark.xfail(
-    strict=True,
-    reason="connection.py Connection.next_message: a frame holding nil is taken for EOF: the connection is "
-    "closed without a FATAL message (and read_loop abandons in-flight calls) instead of answering "
-    "FATAL 'expected [0, id, method, args]'",
-)
-
-
 # --- fixtures -----------------------------------------------------------------------------------
 
 
@@ -287,7 +277,7 @@ def test_reply_over_the_frame_limit_is_an_error_not_a_close(bad_daemon: RunningD
         [1, 1, "hello", [{"versions": [1, 1]}]],
         {"method": "hello"},
         "hello",
-        pytest.param(None, marks=NIL_IS_EOF),
+        None,
     ],
     ids=["slot-list", "ping", "no-args", "two-args", "str-arg", "map-args", "response-type", "map", "str", "nil"],
 )
@@ -509,7 +499,7 @@ def test_request_id_not_an_integer(ready: socket.socket, witness: Witness, msgid
         {"method": "KG_Ping"},
         "KG_Ping",
         0,
-        pytest.param(None, marks=NIL_IS_EOF),
+        None,
         b"\x00",
         [],
         [0, 2, "KG_Ping"],
@@ -549,14 +539,6 @@ def try_join(path: str, app_id: bytes) -> bool:
         return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keygridd/server/connection.py Connection.serve/next_message/handshake and lifecycle.py handle(): "
-    "trio.BrokenResourceError from receive_some (ECONNRESET: the peer closed with unread data) or from the "
-    "hello reply's send_all (EPIPE: the peer closed right after its hello) is not caught, propagates through "
-    "serve_listeners into the daemon's main nursery and the whole daemon exits with a traceback; it should "
-    "end only that connection (treat it as EOF) and go on serving",
-)
 @pytest.mark.parametrize("when", ["unread-replies", "closed-after-hello"])
 def test_peer_reset_does_not_stop_the_daemon(daemon_factory: Starter, when: str) -> None:
     running = daemon_factory(CONFIG, name="reset")

@@ -1,0 +1,46 @@
+"""Hatchling build hook: compile the C PKCS#11 shim into the wheel.
+
+Runs ``make -C keygrid_pkcs11_shim`` and ships the result as
+``keygridd/lib/libkeygrid-pkcs11.so`` (where ``keygrid shim-path`` looks):
+in a wheel through ``force_include`` (the wheel is then tagged for the
+platform), in an editable install by copying it into the source tree
+(``keygridd/lib/*.so`` is ignored by git). The sdist carries the C sources
+and needs nothing built. ``KEYGRID_BUILD_SHIM=0`` skips the shim, for
+machines without a C compiler.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+
+SHIM_NAME = "libkeygrid-pkcs11.so"
+TARGET = f"keygridd/lib/{SHIM_NAME}"
+
+
+class ShimBuildHook(BuildHookInterface):  # type: ignore[misc]
+    PLUGIN_NAME = "custom"
+
+    def initialize(self, version: str, build_data: dict[str, Any]) -> None:
+        if self.target_name != "wheel":
+            return
+        if os.environ.get("KEYGRID_BUILD_SHIM", "1") == "0":
+            self.app.display_warning(f"KEYGRID_BUILD_SHIM=0: building without {SHIM_NAME}")
+            return
+        root = Path(self.root)
+        shim_dir = root / "keygrid_pkcs11_shim"
+        subprocess.run(["make", "-C", str(shim_dir)], check=True)
+        built = shim_dir / "build" / SHIM_NAME
+        if version == "editable":
+            target = root / TARGET
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy2(built, target)
+            return
+        build_data["force_include"][str(built)] = TARGET
+        build_data["pure_python"] = False
+        build_data["infer_tag"] = True
