@@ -16,18 +16,24 @@ BENCH_ARGS ?=
 # Debian packages the tests need (some for later work: the C shim, SoftHSM2,
 # p11-kit, OpenSSL engine and PostgreSQL integration tests).
 DEB_PACKAGES := shellcheck systemd libp11-kit-dev softhsm2 opensc gnutls-bin \
-	libengine-pkcs11-openssl p11-kit clang postgresql
+	libengine-pkcs11-openssl p11-kit gcc clang clang-format libclang-rt-14-dev xxd \
+	python3-venv postgresql
 
-.PHONY: help venv deps run lint test test-slow bench clean
+SHIM := keygrid_pkcs11_shim
+C_SOURCES = $(filter-out $(SHIM)/keygrid-calls.h,$(wildcard $(SHIM)/*.c $(SHIM)/*.h $(SHIM)/tests/*.c $(SHIM)/fuzz/*.c))
+
+.PHONY: help venv deps shim run lint test test-slow bench fuzz clean
 
 help:
 	@echo "make venv       create .venv and install keygrid with the test extra (editable)"
 	@echo "make deps       install the Debian packages the tests need (root; no-op when present)"
 	@echo "make run        start a development keygridd on var/run/keygrid.sock (config in var/)"
-	@echo "make lint       ruff, mypy --strict, shellcheck, systemd-analyze verify"
+	@echo "make shim       build libkeygrid-pkcs11.so (keygrid_pkcs11_shim/build/)"
+	@echo "make lint       ruff, mypy --strict, clang-format, shellcheck, systemd-analyze verify"
 	@echo "make test       deps + venv + lint, then every test except the slow ones"
 	@echo "make test-slow  the tests marked slow"
-	@echo "make bench      RPC benchmark (BENCH_ARGS='--seconds 5')"
+	@echo "make bench      RPC and PKCS#11 benchmarks (BENCH_ARGS='--seconds 5')"
+	@echo "make fuzz       fuzz the shim's reply decoder for FUZZ_SECONDS (default 600)"
 	@echo "make clean      remove .venv, build output and caches (keeps var/, the dev token)"
 
 venv: $(STAMP)
@@ -50,7 +56,10 @@ deps:
 	apt-get update -qq
 	apt-get install -y -qq --no-install-recommends $$missing
 
-run: venv
+shim:
+	$(MAKE) -C $(SHIM)
+
+run: venv shim
 	$(VENV)/bin/python tools/devsetup.py var/
 	exec $(VENV)/bin/keygridd --config var/keygrid.yaml
 
@@ -61,6 +70,7 @@ lint: venv
 	$(VENV)/bin/ruff check $(PY_DIRS)
 	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	$(VENV)/bin/mypy --strict keygridd
+	clang-format --dry-run --Werror $(C_SOURCES)
 	shellcheck $(SHELL_SCRIPTS)
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT
 	cp $(UNITS) "$$tmp/"
@@ -69,7 +79,9 @@ lint: venv
 	if [ -n "$$out" ]; then echo "$$out" >&2; exit 1; fi
 	echo "lint: ok"
 
+# The shim's C tests run under AddressSanitizer and UBSan; its reply decoder is fuzzed briefly.
 test: deps venv lint
+	$(MAKE) -C $(SHIM) check fuzz-short pytest-asan
 	$(VENV)/bin/pytest -q -m "not slow"
 
 # pytest exits 5 when no test is selected; that is not a failure here.
@@ -78,8 +90,11 @@ test-slow: deps venv
 	if [ "$$rc" -eq 5 ]; then echo "test-slow: no slow tests collected"; exit 0; fi
 	exit "$$rc"
 
-bench: venv
+bench: venv shim
 	$(VENV)/bin/python bench/bench_rpc.py $(BENCH_ARGS)
+
+fuzz:
+	$(MAKE) -C $(SHIM) fuzz
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis ./*.egg-info

@@ -20,42 +20,49 @@
 
 #define OK_ (rv_ == CKR_OK)
 #define RAN (c_.reply != NULL)
-#define STEP(cond, ...)           \
-	do {                          \
+#define STEP(cond, ...)                    \
+	do {                               \
 		if (cond) { __VA_ARGS__; } \
 	} while (0)
 
-#define BEGIN(name)                                                                    \
-	struct kg_call c_ = {0};                                                           \
-	CK_RV rv_ = kg_check_live();                                                       \
-	STEP(OK_, rv_ = kg_call_begin(&c_, KG_M_##name, KG_GEN_NONE));                     \
+#define BEGIN(name)                                                    \
+	struct kg_call c_ = {0};                                       \
+	CK_RV rv_ = kg_check_live();                                   \
+	STEP(OK_, rv_ = kg_call_begin(&c_, KG_M_##name, KG_GEN_NONE)); \
 	STEP(c_.absent, rv_ = CKR_SLOT_ID_INVALID)
-#define BEGIN_SESSION(name, h)                                                         \
-	struct kg_call c_ = {.session = (h), .has_session = 1};                            \
-	uint32_t gen_ = 0;                                                                 \
-	CK_RV rv_ = kg_check_live();                                                       \
-	STEP(OK_, rv_ = kg_session_check((h), &gen_));                                     \
-	STEP(OK_, rv_ = kg_call_begin(&c_, KG_M_##name, gen_));                            \
-	IN_ULONG((h) & 0xffffffffUL)
+#define BEGIN_SESSION(name, h)                                  \
+	struct kg_call c_ = {.session = (h), .has_session = 1}; \
+	uint32_t gen_ = 0;                                      \
+	CK_RV rv_ = kg_check_live();                            \
+	STEP(OK_, rv_ = kg_session_check((h), &gen_));          \
+	STEP(OK_, rv_ = kg_call_begin(&c_, KG_M_##name, gen_)); \
+	IN_ULONG((h)&0xffffffffUL)
 #define ON_ABSENT(...) STEP(c_.absent, rv_ = CKR_OK; __VA_ARGS__)
-#define ARG(cond) STEP(OK_ && !(cond), rv_ = CKR_ARGUMENTS_BAD)
-#define IN_ULONG(v) STEP(OK_, kg_put_uint(&c_.req, (v)))
-#define IN_BOOL(v) STEP(OK_, kg_put_bool(&c_.req, (v) != CK_FALSE))
-#define IN_BYTES(p, n) ARG((p) || !(n)); STEP(OK_, kg_put_bin(&c_.req, (p), (n)))
-#define IN_OUTLEN(p, plen) ARG(plen); STEP(OK_, (p) ? kg_put_uint(&c_.req, *(plen)) : kg_put_int(&c_.req, -1))
+#define ARG(cond)      STEP(OK_ && !(cond), rv_ = CKR_ARGUMENTS_BAD)
+#define IN_ULONG(v)    STEP(OK_, kg_put_uint(&c_.req, (v)))
+#define IN_BOOL(v)     STEP(OK_, kg_put_bool(&c_.req, (v) != CK_FALSE))
+#define IN_BYTES(p, n)    \
+	ARG((p) || !(n)); \
+	STEP(OK_, kg_put_bin(&c_.req, (p), (n)))
+#define IN_OUTLEN(p, plen) \
+	ARG(plen);         \
+	STEP(OK_, (p) ? kg_put_uint(&c_.req, *(plen)) : kg_put_int(&c_.req, -1))
 #define IN_TEMPLATE(t, n) STEP(OK_, rv_ = kg_put_template(&c_.req, (t), (n), 0))
-#define IN_MECHANISM(m) STEP(OK_, rv_ = kg_put_mechanism(&c_.req, (m)))
-#define IN_TYPES(t, n) ARG((t) || !(n)); ARG((n) <= UINT32_MAX); STEP(OK_, put_types(&c_.req, (t), (n)))
-#define PROCESS STEP(OK_ && c_.conn, rv_ = kg_call_run(&c_))
-#define OUT_ULONG(p) STEP(OK_ && RAN, rv_ = get_ulong(&c_.res, (p)))
-#define OUT_DATA(p, plen) STEP(RAN, rv_ = kg_get_out(&c_.res, rv_, (p), (plen)))
-#define OUT_BYTES(p, plen) STEP(OK_ && RAN, rv_ = kg_get_bytes(&c_.res, (p), (plen)))
-#define OUT_INFO(kind, p) STEP(OK_ && RAN, rv_ = kg_get_info(&c_.res, (kind), (p)))
-#define OUT_ULONGS(p, pn, fixed) STEP(OK_ && RAN, rv_ = kg_get_ulongs(&c_.res, (p), (pn), (fixed)))
-#define OUT_ATTRS(t, n) STEP(RAN, rv_ = kg_get_attribute_values(&c_.res, (t), (n), rv_))
-#define END(name)                                   \
-	kg_call_end(&c_);                               \
-	KG_DEBUG("%s -> CK_RV 0x%lx", #name, rv_);      \
+#define IN_MECHANISM(m)   STEP(OK_, rv_ = kg_put_mechanism(&c_.req, (m)))
+#define IN_TYPES(t, n)          \
+	ARG((t) || !(n));       \
+	ARG((n) <= UINT32_MAX); \
+	STEP(OK_, put_types(&c_.req, (t), (n)))
+#define PROCESS                  STEP(OK_ &&c_.conn, rv_ = kg_call_run(&c_))
+#define OUT_ULONG(p)             STEP(OK_ &&RAN, rv_ = get_ulong(&c_.res, (p)))
+#define OUT_DATA(p, plen)        STEP(RAN, rv_ = kg_get_out(&c_.res, rv_, (p), (plen)))
+#define OUT_BYTES(p, plen)       STEP(OK_ &&RAN, rv_ = kg_get_bytes(&c_.res, (p), (plen)))
+#define OUT_INFO(kind, p)        STEP(OK_ &&RAN, rv_ = kg_get_info(&c_.res, (kind), (p)))
+#define OUT_ULONGS(p, pn, fixed) STEP(OK_ &&RAN, rv_ = kg_get_ulongs(&c_.res, (p), (pn), (fixed)))
+#define OUT_ATTRS(t, n)          STEP(RAN, rv_ = kg_get_attribute_values(&c_.res, (t), (n), rv_))
+#define END(name)                                  \
+	kg_call_end(&c_);                          \
+	KG_DEBUG("%s -> CK_RV 0x%lx", #name, rv_); \
 	return rv_
 
 typedef CK_SESSION_HANDLE S;
@@ -66,7 +73,8 @@ typedef CK_ULONG_PTR UP;
 static void put_types(struct kg_buf *b, const CK_ATTRIBUTE *t, CK_ULONG n)
 {
 	kg_put_array(b, (uint32_t)n);
-	for (CK_ULONG i = 0; i < n; i++) kg_put_uint(b, t[i].type);
+	for (CK_ULONG i = 0; i < n; i++)
+		kg_put_uint(b, t[i].type);
 }
 
 static CK_RV get_ulong(struct kg_reader *r, CK_ULONG *out)
@@ -191,7 +199,8 @@ CK_RV C_SetPIN(S hSession, CK_UTF8CHAR_PTR pOldPin, U ulOldLen, CK_UTF8CHAR_PTR 
 
 /* ---- sessions (v2.40 Base 5.6) ---- */
 
-CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication, CK_NOTIFY Notify, CK_SESSION_HANDLE_PTR phSession)
+CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication, CK_NOTIFY Notify,
+                    CK_SESSION_HANDLE_PTR phSession)
 {
 	CK_ULONG handle = 0;
 	(void)pApplication; /* the daemon sends no notifications */
@@ -242,7 +251,8 @@ CK_RV C_GetOperationState(S hSession, B pOperationState, UP pulOperationStateLen
 	END(C_GetOperationState);
 }
 
-CK_RV C_SetOperationState(S hSession, B pOperationState, U ulLen, CK_OBJECT_HANDLE hEncryptionKey, CK_OBJECT_HANDLE hAuthenticationKey)
+CK_RV C_SetOperationState(S hSession, B pOperationState, U ulLen, CK_OBJECT_HANDLE hEncryptionKey,
+                          CK_OBJECT_HANDLE hAuthenticationKey)
 {
 	BEGIN_SESSION(C_SetOperationState, hSession);
 	IN_BYTES(pOperationState, ulLen);
@@ -280,7 +290,8 @@ CK_RV C_CreateObject(S hSession, CK_ATTRIBUTE_PTR pTemplate, U ulCount, CK_OBJEC
 	END(C_CreateObject);
 }
 
-CK_RV C_CopyObject(S hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate, U ulCount, CK_OBJECT_HANDLE_PTR phNewObject)
+CK_RV C_CopyObject(S hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate, U ulCount,
+                   CK_OBJECT_HANDLE_PTR phNewObject)
 {
 	BEGIN_SESSION(C_CopyObject, hSession);
 	ARG(phNewObject);
@@ -356,41 +367,41 @@ CK_RV C_FindObjectsFinal(S hSession)
 
 /* ---- cryptographic functions (v2.40 Base 5.8-5.13) ---- */
 
-#define INIT_STUB(name)                                                 \
+#define INIT_STUB(name)                                                            \
 	CK_RV name(S hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey) \
-	{                                                                   \
-		BEGIN_SESSION(name, hSession);                                  \
-		IN_MECHANISM(pMechanism);                                       \
-		IN_ULONG(hKey);                                                 \
-		PROCESS;                                                        \
-		END(name);                                                      \
+	{                                                                          \
+		BEGIN_SESSION(name, hSession);                                     \
+		IN_MECHANISM(pMechanism);                                          \
+		IN_ULONG(hKey);                                                    \
+		PROCESS;                                                           \
+		END(name);                                                         \
 	}
-#define DATA_STUB(name) /* (session, in, in_len, out, out_len) */       \
-	CK_RV name(S hSession, B pIn, U ulInLen, B pOut, UP pulOutLen)      \
-	{                                                                   \
-		BEGIN_SESSION(name, hSession);                                  \
-		IN_BYTES(pIn, ulInLen);                                         \
-		IN_OUTLEN(pOut, pulOutLen);                                     \
-		PROCESS;                                                        \
-		OUT_DATA(pOut, pulOutLen);                                      \
-		END(name);                                                      \
+#define DATA_STUB(name) /* (session, in, in_len, out, out_len) */      \
+	CK_RV name(S hSession, B pIn, U ulInLen, B pOut, UP pulOutLen) \
+	{                                                              \
+		BEGIN_SESSION(name, hSession);                         \
+		IN_BYTES(pIn, ulInLen);                                \
+		IN_OUTLEN(pOut, pulOutLen);                            \
+		PROCESS;                                               \
+		OUT_DATA(pOut, pulOutLen);                             \
+		END(name);                                             \
 	}
-#define FINAL_STUB(name) /* (session, out, out_len) */                  \
-	CK_RV name(S hSession, B pOut, UP pulOutLen)                        \
-	{                                                                   \
-		BEGIN_SESSION(name, hSession);                                  \
-		IN_OUTLEN(pOut, pulOutLen);                                     \
-		PROCESS;                                                        \
-		OUT_DATA(pOut, pulOutLen);                                      \
-		END(name);                                                      \
+#define FINAL_STUB(name) /* (session, out, out_len) */ \
+	CK_RV name(S hSession, B pOut, UP pulOutLen)   \
+	{                                              \
+		BEGIN_SESSION(name, hSession);         \
+		IN_OUTLEN(pOut, pulOutLen);            \
+		PROCESS;                               \
+		OUT_DATA(pOut, pulOutLen);             \
+		END(name);                             \
 	}
-#define UPDATE_STUB(name) /* (session, in, in_len) */                   \
-	CK_RV name(S hSession, B pIn, U ulInLen)                            \
-	{                                                                   \
-		BEGIN_SESSION(name, hSession);                                  \
-		IN_BYTES(pIn, ulInLen);                                         \
-		PROCESS;                                                        \
-		END(name);                                                      \
+#define UPDATE_STUB(name) /* (session, in, in_len) */ \
+	CK_RV name(S hSession, B pIn, U ulInLen)      \
+	{                                             \
+		BEGIN_SESSION(name, hSession);        \
+		IN_BYTES(pIn, ulInLen);               \
+		PROCESS;                              \
+		END(name);                            \
 	}
 
 INIT_STUB(C_EncryptInit)
@@ -447,7 +458,8 @@ CK_RV C_Verify(S hSession, B pData, U ulDataLen, B pSignature, U ulSignatureLen)
 
 /* ---- keys and random numbers (v2.40 Base 5.14, 5.15) ---- */
 
-CK_RV C_GenerateKey(S hSession, CK_MECHANISM_PTR pMechanism, CK_ATTRIBUTE_PTR pTemplate, U ulCount, CK_OBJECT_HANDLE_PTR phKey)
+CK_RV C_GenerateKey(S hSession, CK_MECHANISM_PTR pMechanism, CK_ATTRIBUTE_PTR pTemplate, U ulCount,
+                    CK_OBJECT_HANDLE_PTR phKey)
 {
 	BEGIN_SESSION(C_GenerateKey, hSession);
 	ARG(phKey);
@@ -459,9 +471,8 @@ CK_RV C_GenerateKey(S hSession, CK_MECHANISM_PTR pMechanism, CK_ATTRIBUTE_PTR pT
 }
 
 CK_RV C_GenerateKeyPair(S hSession, CK_MECHANISM_PTR pMechanism, CK_ATTRIBUTE_PTR pPublicKeyTemplate,
-                        U ulPublicKeyAttributeCount, CK_ATTRIBUTE_PTR pPrivateKeyTemplate,
-                        U ulPrivateKeyAttributeCount, CK_OBJECT_HANDLE_PTR phPublicKey,
-                        CK_OBJECT_HANDLE_PTR phPrivateKey)
+                        U ulPublicKeyAttributeCount, CK_ATTRIBUTE_PTR pPrivateKeyTemplate, U ulPrivateKeyAttributeCount,
+                        CK_OBJECT_HANDLE_PTR phPublicKey, CK_OBJECT_HANDLE_PTR phPrivateKey)
 {
 	CK_OBJECT_HANDLE keys[2];
 	CK_ULONG count = 2;
@@ -554,11 +565,11 @@ CK_RV C_CancelFunction(S hSession)
 
 /* ---- v3.0 functions keygridd does not serve (v3.0 Base 5.6, 5.14-5.19) ---- */
 
-#define NOT_SERVED(name, args)                                            \
-	CK_RV name args                                                       \
-	{                                                                     \
-		CK_RV rv = kg_check_live();                                       \
-		return rv == CKR_OK ? CKR_FUNCTION_NOT_SUPPORTED : rv;            \
+#define NOT_SERVED(name, args)                                         \
+	CK_RV name args                                                \
+	{                                                              \
+		CK_RV rv = kg_check_live();                            \
+		return rv == CKR_OK ? CKR_FUNCTION_NOT_SUPPORTED : rv; \
 	}
 #define P CK_VOID_PTR pParameter, U ulParameterLen
 #pragma GCC diagnostic ignored "-Wunused-parameter" /* the stubs below look at no argument */

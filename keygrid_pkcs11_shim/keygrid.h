@@ -57,8 +57,8 @@ typedef struct {
 
 /* The v3.0 entry points (v3.0 Base 5.4, 5.6, 5.14-5.19). */
 #define KG_V3_FN(name, args) KG_EXPORT CK_RV name args;
-#define S CK_SESSION_HANDLE
-#define P CK_VOID_PTR, CK_ULONG
+#define S                    CK_SESSION_HANDLE
+#define P                    CK_VOID_PTR, CK_ULONG
 KG_V3_FN(C_GetInterfaceList, (CK_INTERFACE_PTR, CK_ULONG_PTR))
 KG_V3_FN(C_GetInterface, (CK_UTF8CHAR_PTR, CK_VERSION_PTR, CK_INTERFACE_PTR_PTR, CK_FLAGS))
 KG_V3_FN(C_LoginUser, (S, CK_USER_TYPE, CK_UTF8CHAR_PTR, CK_ULONG, CK_UTF8CHAR_PTR, CK_ULONG))
@@ -104,7 +104,18 @@ void kg_put_str(struct kg_buf *b, const char *s, size_t n);
 void kg_put_array(struct kg_buf *b, uint32_t n);
 void kg_put_map(struct kg_buf *b, uint32_t n);
 
-enum kg_type { KG_T_NONE, KG_T_NIL, KG_T_BOOL, KG_T_UINT, KG_T_INT, KG_T_BIN, KG_T_STR, KG_T_ARRAY, KG_T_MAP, KG_T_OTHER };
+enum kg_type {
+	KG_T_NONE,
+	KG_T_NIL,
+	KG_T_BOOL,
+	KG_T_UINT,
+	KG_T_INT,
+	KG_T_BIN,
+	KG_T_STR,
+	KG_T_ARRAY,
+	KG_T_MAP,
+	KG_T_OTHER
+};
 
 /* A read cursor over one buffer. Every getter checks the type and the bounds;
  * on failure it returns -1, sets `bad` and later getters fail too. */
@@ -134,8 +145,8 @@ int kg_lock(void);
 void kg_unlock(void);
 void kg_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 extern int kg_debug;
-#define KG_DEBUG(...)                     \
-	do {                                  \
+#define KG_DEBUG(...)                              \
+	do {                                       \
 		if (kg_debug) kg_log(__VA_ARGS__); \
 	} while (0)
 CK_RV kg_check_live(void); /* initialised in this process */

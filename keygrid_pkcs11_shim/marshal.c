@@ -81,7 +81,8 @@ CK_RV kg_put_template(struct kg_buf *b, const CK_ATTRIBUTE *t, CK_ULONG n, int d
 			if (rv != CKR_OK) return rv == CKR_ARGUMENTS_BAD ? rv : CKR_ATTRIBUTE_VALUE_INVALID;
 			break;
 		}
-		default: kg_put_bin(b, v, len);
+		default:
+			kg_put_bin(b, v, len);
 		}
 	}
 	return CKR_OK;
@@ -179,7 +180,8 @@ CK_RV kg_put_mechanism(struct kg_buf *b, const CK_MECHANISM *m)
 		kg_put_uint(b, *u);
 		break;
 	}
-	default: kg_put_bin(b, p, len); /* IVs and parameters without pointers */
+	default:
+		kg_put_bin(b, p, len); /* IVs and parameters without pointers */
 	}
 #undef AS
 	return bad ? CKR_MECHANISM_PARAM_INVALID : CKR_OK;
@@ -253,11 +255,13 @@ static CK_RV get_value(struct kg_reader *r, CK_ATTRIBUTE *a, int depth)
 			if (erv == CKR_DEVICE_ERROR || erv == CKR_HOST_MEMORY) return erv;
 			if (erv != CKR_OK) rv = erv;
 		}
-		if (!inner) a->ulValueLen = size;
+		if (!inner)
+			a->ulValueLen = size;
 		else if (!fill) {
 			a->ulValueLen = CK_UNAVAILABLE_INFORMATION;
 			rv = CKR_BUFFER_TOO_SMALL;
-		} else a->ulValueLen = size;
+		} else
+			a->ulValueLen = size;
 		return rv;
 	}
 	default:
@@ -346,53 +350,77 @@ struct field {
 	unsigned char type, size;
 };
 
-#define STR(s, m, k) {k, offsetof(s, m), F_STR, sizeof(((s *)0)->m)}
-#define UL(s, m, k) {k, offsetof(s, m), F_ULONG, 0}
-#define VER(s, m, k) {k, offsetof(s, m), F_VERSION, 0}
+#define STR(s, m, k)                                          \
+	{                                                     \
+		k, offsetof(s, m), F_STR, sizeof(((s *)0)->m) \
+	}
+#define UL(s, m, k)                           \
+	{                                     \
+		k, offsetof(s, m), F_ULONG, 0 \
+	}
+#define VER(s, m, k)                            \
+	{                                       \
+		k, offsetof(s, m), F_VERSION, 0 \
+	}
 
-static const struct field info_fields[] = {
-    VER(CK_INFO, cryptokiVersion, "cryptoki_version"), STR(CK_INFO, manufacturerID, "manufacturer_id"),
-    UL(CK_INFO, flags, "flags"), STR(CK_INFO, libraryDescription, "library_description"),
-    VER(CK_INFO, libraryVersion, "library_version"), {0}};
-static const struct field slot_fields[] = {
-    STR(CK_SLOT_INFO, slotDescription, "slot_description"), STR(CK_SLOT_INFO, manufacturerID, "manufacturer_id"),
-    UL(CK_SLOT_INFO, flags, "flags"), VER(CK_SLOT_INFO, hardwareVersion, "hardware_version"),
-    VER(CK_SLOT_INFO, firmwareVersion, "firmware_version"), {0}};
-static const struct field token_fields[] = {
-    STR(CK_TOKEN_INFO, label, "label"), STR(CK_TOKEN_INFO, manufacturerID, "manufacturer_id"),
-    STR(CK_TOKEN_INFO, model, "model"), STR(CK_TOKEN_INFO, serialNumber, "serial_number"),
-    UL(CK_TOKEN_INFO, flags, "flags"), UL(CK_TOKEN_INFO, ulMaxSessionCount, "max_session_count"),
-    UL(CK_TOKEN_INFO, ulSessionCount, "session_count"), UL(CK_TOKEN_INFO, ulMaxRwSessionCount, "max_rw_session_count"),
-    UL(CK_TOKEN_INFO, ulRwSessionCount, "rw_session_count"), UL(CK_TOKEN_INFO, ulMaxPinLen, "max_pin_len"),
-    UL(CK_TOKEN_INFO, ulMinPinLen, "min_pin_len"), UL(CK_TOKEN_INFO, ulTotalPublicMemory, "total_public_memory"),
-    UL(CK_TOKEN_INFO, ulFreePublicMemory, "free_public_memory"),
-    UL(CK_TOKEN_INFO, ulTotalPrivateMemory, "total_private_memory"),
-    UL(CK_TOKEN_INFO, ulFreePrivateMemory, "free_private_memory"),
-    VER(CK_TOKEN_INFO, hardwareVersion, "hardware_version"), VER(CK_TOKEN_INFO, firmwareVersion, "firmware_version"),
-    STR(CK_TOKEN_INFO, utcTime, "utc_time"), {0}};
-static const struct field session_fields[] = {
-    UL(CK_SESSION_INFO, slotID, "slot_id"), UL(CK_SESSION_INFO, state, "state"), UL(CK_SESSION_INFO, flags, "flags"),
-    UL(CK_SESSION_INFO, ulDeviceError, "device_error"), {0}};
-static const struct field mechanism_fields[] = {
-    UL(CK_MECHANISM_INFO, ulMinKeySize, "min_key_size"), UL(CK_MECHANISM_INFO, ulMaxKeySize, "max_key_size"),
-    UL(CK_MECHANISM_INFO, flags, "flags"), {0}};
+static const struct field info_fields[] = {VER(CK_INFO, cryptokiVersion, "cryptoki_version"),
+                                           STR(CK_INFO, manufacturerID, "manufacturer_id"),
+                                           UL(CK_INFO, flags, "flags"),
+                                           STR(CK_INFO, libraryDescription, "library_description"),
+                                           VER(CK_INFO, libraryVersion, "library_version"),
+                                           {0}};
+static const struct field slot_fields[] = {STR(CK_SLOT_INFO, slotDescription, "slot_description"),
+                                           STR(CK_SLOT_INFO, manufacturerID, "manufacturer_id"),
+                                           UL(CK_SLOT_INFO, flags, "flags"),
+                                           VER(CK_SLOT_INFO, hardwareVersion, "hardware_version"),
+                                           VER(CK_SLOT_INFO, firmwareVersion, "firmware_version"),
+                                           {0}};
+static const struct field token_fields[] = {STR(CK_TOKEN_INFO, label, "label"),
+                                            STR(CK_TOKEN_INFO, manufacturerID, "manufacturer_id"),
+                                            STR(CK_TOKEN_INFO, model, "model"),
+                                            STR(CK_TOKEN_INFO, serialNumber, "serial_number"),
+                                            UL(CK_TOKEN_INFO, flags, "flags"),
+                                            UL(CK_TOKEN_INFO, ulMaxSessionCount, "max_session_count"),
+                                            UL(CK_TOKEN_INFO, ulSessionCount, "session_count"),
+                                            UL(CK_TOKEN_INFO, ulMaxRwSessionCount, "max_rw_session_count"),
+                                            UL(CK_TOKEN_INFO, ulRwSessionCount, "rw_session_count"),
+                                            UL(CK_TOKEN_INFO, ulMaxPinLen, "max_pin_len"),
+                                            UL(CK_TOKEN_INFO, ulMinPinLen, "min_pin_len"),
+                                            UL(CK_TOKEN_INFO, ulTotalPublicMemory, "total_public_memory"),
+                                            UL(CK_TOKEN_INFO, ulFreePublicMemory, "free_public_memory"),
+                                            UL(CK_TOKEN_INFO, ulTotalPrivateMemory, "total_private_memory"),
+                                            UL(CK_TOKEN_INFO, ulFreePrivateMemory, "free_private_memory"),
+                                            VER(CK_TOKEN_INFO, hardwareVersion, "hardware_version"),
+                                            VER(CK_TOKEN_INFO, firmwareVersion, "firmware_version"),
+                                            STR(CK_TOKEN_INFO, utcTime, "utc_time"),
+                                            {0}};
+static const struct field session_fields[] = {UL(CK_SESSION_INFO, slotID, "slot_id"),
+                                              UL(CK_SESSION_INFO, state, "state"),
+                                              UL(CK_SESSION_INFO, flags, "flags"),
+                                              UL(CK_SESSION_INFO, ulDeviceError, "device_error"),
+                                              {0}};
+static const struct field mechanism_fields[] = {UL(CK_MECHANISM_INFO, ulMinKeySize, "min_key_size"),
+                                                UL(CK_MECHANISM_INFO, ulMaxKeySize, "max_key_size"),
+                                                UL(CK_MECHANISM_INFO, flags, "flags"),
+                                                {0}};
 
 static const struct {
 	const struct field *fields;
 	size_t size;
 } infos[] = {
-    [KG_INFO] = {info_fields, sizeof(CK_INFO)},
-    [KG_SLOT_INFO] = {slot_fields, sizeof(CK_SLOT_INFO)},
-    [KG_TOKEN_INFO] = {token_fields, sizeof(CK_TOKEN_INFO)},
-    [KG_SESSION_INFO] = {session_fields, sizeof(CK_SESSION_INFO)},
-    [KG_MECHANISM_INFO] = {mechanism_fields, sizeof(CK_MECHANISM_INFO)},
+        [KG_INFO] = {info_fields, sizeof(CK_INFO)},
+        [KG_SLOT_INFO] = {slot_fields, sizeof(CK_SLOT_INFO)},
+        [KG_TOKEN_INFO] = {token_fields, sizeof(CK_TOKEN_INFO)},
+        [KG_SESSION_INFO] = {session_fields, sizeof(CK_SESSION_INFO)},
+        [KG_MECHANISM_INFO] = {mechanism_fields, sizeof(CK_MECHANISM_INFO)},
 };
 
 void kg_pad(CK_UTF8CHAR *dst, size_t size, const char *src, size_t n)
 {
 	if (n > size) {
 		n = size;
-		while (n > 0 && ((unsigned char)src[n] & 0xc0) == 0x80) n--; /* src[n] continues a character */
+		while (n > 0 && ((unsigned char)src[n] & 0xc0) == 0x80)
+			n--; /* src[n] continues a character */
 	}
 	memcpy(dst, src, n);
 	memset(dst + n, ' ', size - n);
@@ -412,7 +440,8 @@ CK_RV kg_get_info(struct kg_reader *r, enum kg_info kind, void *out)
 		size_t klen, slen;
 		const struct field *f = fields;
 		if (kg_get_str(r, &key, &klen)) return CKR_DEVICE_ERROR;
-		while (f->key && (strlen(f->key) != klen || memcmp(f->key, key, klen))) f++;
+		while (f->key && (strlen(f->key) != klen || memcmp(f->key, key, klen)))
+			f++;
 		CK_BYTE *dst = (CK_BYTE *)out + f->off;
 		if (!f->key) {
 			if (kg_skip(r)) return CKR_DEVICE_ERROR; /* a newer daemon's key */
@@ -424,7 +453,8 @@ CK_RV kg_get_info(struct kg_reader *r, enum kg_info kind, void *out)
 			CK_ULONG v = (CK_ULONG)a;
 			memcpy(dst, &v, sizeof(v));
 		} else {
-			if (kg_get_array(r, &vn) || vn != 2 || kg_get_uint(r, &a) || kg_get_uint(r, &b) || a > 255 || b > 255)
+			if (kg_get_array(r, &vn) || vn != 2 || kg_get_uint(r, &a) || kg_get_uint(r, &b) || a > 255 ||
+			    b > 255)
 				return CKR_DEVICE_ERROR;
 			CK_VERSION v = {(CK_BYTE)a, (CK_BYTE)b};
 			memcpy(dst, &v, sizeof(v));

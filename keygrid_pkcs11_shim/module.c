@@ -47,8 +47,10 @@ int kg_lock(void)
 
 void kg_unlock(void)
 {
-	if (M.app_mutex) M.app.UnlockMutex(M.app_mutex);
-	else pthread_mutex_unlock(&state_mutex);
+	if (M.app_mutex)
+		M.app.UnlockMutex(M.app_mutex);
+	else
+		pthread_mutex_unlock(&state_mutex);
 }
 
 void kg_log(const char *fmt, ...)
@@ -132,37 +134,37 @@ CK_RV C_Finalize(CK_VOID_PTR pReserved)
 
 /* ---- function tables ---- */
 
-#define V2_FUNCTIONS                                                                                      \
-	C_Initialize, C_Finalize, C_GetInfo, C_GetFunctionList, C_GetSlotList, C_GetSlotInfo, C_GetTokenInfo,   \
-	    C_GetMechanismList, C_GetMechanismInfo, C_InitToken, C_InitPIN, C_SetPIN, C_OpenSession,            \
-	    C_CloseSession, C_CloseAllSessions, C_GetSessionInfo, C_GetOperationState, C_SetOperationState,     \
-	    C_Login, C_Logout, C_CreateObject, C_CopyObject, C_DestroyObject, C_GetObjectSize,                  \
-	    C_GetAttributeValue, C_SetAttributeValue, C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal,     \
-	    C_EncryptInit, C_Encrypt, C_EncryptUpdate, C_EncryptFinal, C_DecryptInit, C_Decrypt,                \
-	    C_DecryptUpdate, C_DecryptFinal, C_DigestInit, C_Digest, C_DigestUpdate, C_DigestKey,               \
-	    C_DigestFinal, C_SignInit, C_Sign, C_SignUpdate, C_SignFinal, C_SignRecoverInit, C_SignRecover,     \
-	    C_VerifyInit, C_Verify, C_VerifyUpdate, C_VerifyFinal, C_VerifyRecoverInit, C_VerifyRecover,        \
-	    C_DigestEncryptUpdate, C_DecryptDigestUpdate, C_SignEncryptUpdate, C_DecryptVerifyUpdate,           \
-	    C_GenerateKey, C_GenerateKeyPair, C_WrapKey, C_UnwrapKey, C_DeriveKey, C_SeedRandom,                \
-	    C_GenerateRandom, C_GetFunctionStatus, C_CancelFunction, C_WaitForSlotEvent
+#define V2_FUNCTIONS                                                                                                  \
+	C_Initialize, C_Finalize, C_GetInfo, C_GetFunctionList, C_GetSlotList, C_GetSlotInfo, C_GetTokenInfo,         \
+	        C_GetMechanismList, C_GetMechanismInfo, C_InitToken, C_InitPIN, C_SetPIN, C_OpenSession,              \
+	        C_CloseSession, C_CloseAllSessions, C_GetSessionInfo, C_GetOperationState, C_SetOperationState,       \
+	        C_Login, C_Logout, C_CreateObject, C_CopyObject, C_DestroyObject, C_GetObjectSize,                    \
+	        C_GetAttributeValue, C_SetAttributeValue, C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal,       \
+	        C_EncryptInit, C_Encrypt, C_EncryptUpdate, C_EncryptFinal, C_DecryptInit, C_Decrypt, C_DecryptUpdate, \
+	        C_DecryptFinal, C_DigestInit, C_Digest, C_DigestUpdate, C_DigestKey, C_DigestFinal, C_SignInit,       \
+	        C_Sign, C_SignUpdate, C_SignFinal, C_SignRecoverInit, C_SignRecover, C_VerifyInit, C_Verify,          \
+	        C_VerifyUpdate, C_VerifyFinal, C_VerifyRecoverInit, C_VerifyRecover, C_DigestEncryptUpdate,           \
+	        C_DecryptDigestUpdate, C_SignEncryptUpdate, C_DecryptVerifyUpdate, C_GenerateKey, C_GenerateKeyPair,  \
+	        C_WrapKey, C_UnwrapKey, C_DeriveKey, C_SeedRandom, C_GenerateRandom, C_GetFunctionStatus,             \
+	        C_CancelFunction, C_WaitForSlotEvent
 
 static CK_FUNCTION_LIST list_v2 = {{2, 40}, V2_FUNCTIONS};
 
 #define F(name) (kg_fn) name
 static kg_function_list_3_0 list_v3 = {
-    {{3, 0}, V2_FUNCTIONS},
-    {F(C_GetInterfaceList), F(C_GetInterface), F(C_LoginUser), F(C_SessionCancel), F(C_MessageEncryptInit),
-     F(C_EncryptMessage), F(C_EncryptMessageBegin), F(C_EncryptMessageNext), F(C_MessageEncryptFinal),
-     F(C_MessageDecryptInit), F(C_DecryptMessage), F(C_DecryptMessageBegin), F(C_DecryptMessageNext),
-     F(C_MessageDecryptFinal), F(C_MessageSignInit), F(C_SignMessage), F(C_SignMessageBegin),
-     F(C_SignMessageNext), F(C_MessageSignFinal), F(C_MessageVerifyInit), F(C_VerifyMessage),
-     F(C_VerifyMessageBegin), F(C_VerifyMessageNext), F(C_MessageVerifyFinal)},
+        {{3, 0}, V2_FUNCTIONS},
+        {F(C_GetInterfaceList),    F(C_GetInterface),        F(C_LoginUser),           F(C_SessionCancel),
+         F(C_MessageEncryptInit),  F(C_EncryptMessage),      F(C_EncryptMessageBegin), F(C_EncryptMessageNext),
+         F(C_MessageEncryptFinal), F(C_MessageDecryptInit),  F(C_DecryptMessage),      F(C_DecryptMessageBegin),
+         F(C_DecryptMessageNext),  F(C_MessageDecryptFinal), F(C_MessageSignInit),     F(C_SignMessage),
+         F(C_SignMessageBegin),    F(C_SignMessageNext),     F(C_MessageSignFinal),    F(C_MessageVerifyInit),
+         F(C_VerifyMessage),       F(C_VerifyMessageBegin),  F(C_VerifyMessageNext),   F(C_MessageVerifyFinal)},
 };
 
 static CK_CHAR interface_name[] = "PKCS 11";
 static CK_INTERFACE interfaces[] = {
-    {interface_name, &list_v3, 0},
-    {interface_name, &list_v2, 0},
+        {interface_name, &list_v3, 0},
+        {interface_name, &list_v2, 0},
 };
 #define N_INTERFACES (sizeof(interfaces) / sizeof(interfaces[0]))
 
@@ -193,7 +195,8 @@ KG_EXPORT CK_RV C_GetInterface(CK_UTF8CHAR_PTR pInterfaceName, CK_VERSION_PTR pV
                                CK_INTERFACE_PTR_PTR ppInterface, CK_FLAGS flags)
 {
 	if (!ppInterface) return CKR_ARGUMENTS_BAD;
-	if (pInterfaceName && strcmp((const char *)pInterfaceName, (const char *)interface_name)) return CKR_ARGUMENTS_BAD;
+	if (pInterfaceName && strcmp((const char *)pInterfaceName, (const char *)interface_name))
+		return CKR_ARGUMENTS_BAD;
 	for (size_t i = 0; i < N_INTERFACES; i++) {
 		const CK_VERSION *v = interfaces[i].pFunctionList;
 		if (pVersion && (pVersion->major != v->major || pVersion->minor != v->minor)) continue;

@@ -31,8 +31,8 @@
 
 #include "keygrid.h"
 
-#define POOL_MAX 32  /* connections at once */
-#define POOL_IDLE 8  /* idle connections kept */
+#define POOL_MAX        32 /* connections at once */
+#define POOL_IDLE       8  /* idle connections kept */
 #define HELLO_MAX_FRAME (1u << 20)
 
 struct kg_conn {
@@ -65,9 +65,11 @@ static const struct kg_method_info methods[] = {KG_METHODS_INIT};
 
 static char *trim(char *s)
 {
-	while (*s == ' ' || *s == '\t') s++;
+	while (*s == ' ' || *s == '\t')
+		s++;
 	size_t n = strlen(s);
-	while (n && strchr(" \t\r\n", s[n - 1])) s[--n] = 0;
+	while (n && strchr(" \t\r\n", s[n - 1]))
+		s[--n] = 0;
 	return s;
 }
 
@@ -85,10 +87,14 @@ void kg_config_load(struct kg_config *cfg)
 		if (line[0] == '#' || !eq) continue;
 		*eq = 0;
 		char *key = trim(line), *value = trim(eq + 1);
-		if (!strcmp(key, "socket")) snprintf(cfg->socket, sizeof(cfg->socket), "%s", value);
-		else if (!strcmp(key, "connect_timeout_ms")) cfg->connect_timeout_ms = atoi(value);
-		else if (!strcmp(key, "call_timeout_ms")) cfg->call_timeout_ms = atoi(value);
-		else if (!strcmp(key, "debug")) cfg->debug = atoi(value) != 0;
+		if (!strcmp(key, "socket"))
+			snprintf(cfg->socket, sizeof(cfg->socket), "%s", value);
+		else if (!strcmp(key, "connect_timeout_ms"))
+			cfg->connect_timeout_ms = atoi(value);
+		else if (!strcmp(key, "call_timeout_ms"))
+			cfg->call_timeout_ms = atoi(value);
+		else if (!strcmp(key, "debug"))
+			cfg->debug = atoi(value) != 0;
 	}
 	if (f) fclose(f);
 	if ((env = getenv("KEYGRID_SOCKET")) && *env) snprintf(cfg->socket, sizeof(cfg->socket), "%s", env);
@@ -121,7 +127,10 @@ static int wait_fd(int fd, short events, int64_t deadline)
 	}
 }
 
-static int64_t deadline_in(int ms) { return ms > 0 ? now_ms() + ms : 0; }
+static int64_t deadline_in(int ms)
+{
+	return ms > 0 ? now_ms() + ms : 0;
+}
 
 static int send_all(int fd, const uint8_t *p, size_t n, int64_t deadline)
 {
@@ -173,7 +182,8 @@ static int open_socket(const char *path, int timeout_ms)
 		if (errno == EINPROGRESS) {
 			int err = 0;
 			socklen_t len = sizeof(err);
-			if (!wait_fd(fd, POLLOUT, deadline) && !getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) && !err)
+			if (!wait_fd(fd, POLLOUT, deadline) && !getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) &&
+			    !err)
 				return fd;
 		} else if (errno == EAGAIN && (!deadline || now_ms() < deadline)) { /* backlog full */
 			struct timespec ts = {0, 5 * 1000000};
@@ -198,7 +208,8 @@ static CK_RV exchange(struct kg_conn *conn, struct kg_call *c, uint32_t max_fram
 	n = c->req.len - 4;
 	if (n > max_frame) return CKR_DEVICE_MEMORY; /* the daemon would refuse the frame */
 	*clean = 0;
-	for (int i = 0; i < 4; i++) c->req.data[i] = (uint8_t)(n >> (24 - 8 * i));
+	for (int i = 0; i < 4; i++)
+		c->req.data[i] = (uint8_t)(n >> (24 - 8 * i));
 	if (send_all(conn->fd, c->req.data, c->req.len, deadline) || recv_all(conn->fd, head, 4, deadline))
 		return CKR_DEVICE_REMOVED;
 	*len = (size_t)head[0] << 24 | (size_t)head[1] << 16 | (size_t)head[2] << 8 | head[3];
@@ -230,7 +241,8 @@ CK_RV kg_parse_reply(struct kg_call *c, size_t len)
 		struct kg_reader m = *r;
 		const char *msg;
 		size_t mlen;
-		if (!kg_skip(&m) && !kg_get_str(&m, &msg, &mlen)) KG_DEBUG("%s: %.*s", methods[c->method].name, (int)mlen, msg);
+		if (!kg_skip(&m) && !kg_get_str(&m, &msg, &mlen))
+			KG_DEBUG("%s: %.*s", methods[c->method].name, (int)mlen, msg);
 	}
 	return CKR_OK;
 }
@@ -242,7 +254,8 @@ static void put_header(struct kg_call *c, struct kg_conn *conn)
 	c->id = conn->next_id++;
 	if (!conn->next_id) conn->next_id = 1;
 	b->len = 0;
-	for (int i = 0; i < 4; i++) kg_put_uint(b, 0); /* four zero bytes */
+	for (int i = 0; i < 4; i++)
+		kg_put_uint(b, 0); /* four zero bytes */
 	kg_put_array(b, 4);
 	kg_put_uint(b, 0);
 	kg_put_uint(b, c->id);
@@ -268,14 +281,17 @@ static int connect_hello(const uint8_t *app_id, uint8_t out_id[16], uint32_t *ma
 	kg_put_uint(&c.req, 1);
 	kg_put_str(&c.req, "features", 8);
 	kg_put_array(&c.req, 2);
-	for (int i = 0; i < 2; i++) kg_put_str(&c.req, features[i], strlen(features[i]));
+	for (int i = 0; i < 2; i++)
+		kg_put_str(&c.req, features[i], strlen(features[i]));
 	kg_put_str(&c.req, "app_id", 6);
-	if (app_id) kg_put_bin(&c.req, app_id, 16);
-	else kg_put_nil(&c.req);
+	if (app_id)
+		kg_put_bin(&c.req, app_id, 16);
+	else
+		kg_put_nil(&c.req);
 	kg_put_str(&c.req, "client", 6);
 	kg_put_str(&c.req, "libkeygrid-pkcs11", 17);
-	if (exchange(&conn, &c, HELLO_MAX_FRAME, &len, &clean) == CKR_OK && kg_parse_reply(&c, len) == CKR_OK && c.rv == CKR_OK &&
-	    !kg_get_map(&c.res, &n)) {
+	if (exchange(&conn, &c, HELLO_MAX_FRAME, &len, &clean) == CKR_OK && kg_parse_reply(&c, len) == CKR_OK &&
+	    c.rv == CKR_OK && !kg_get_map(&c.res, &n)) {
 		*max_frame = HELLO_MAX_FRAME;
 		for (uint32_t i = 0; i < n; i++) {
 			const char *key;
@@ -290,9 +306,11 @@ static int connect_hello(const uint8_t *app_id, uint8_t out_id[16], uint32_t *ma
 			} else if (klen == 6 && !memcmp(key, "limits", 6) && !kg_get_map(&c.res, &m)) {
 				for (uint32_t j = 0; j < m; j++) {
 					if (kg_get_str(&c.res, &key, &klen)) break;
-					if (klen == 9 && !memcmp(key, "max_frame", 9) && !kg_get_uint(&c.res, &v) && v >= 16)
+					if (klen == 9 && !memcmp(key, "max_frame", 9) && !kg_get_uint(&c.res, &v) &&
+					    v >= 16)
 						*max_frame = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
-					else kg_skip(&c.res);
+					else
+						kg_skip(&c.res);
 				}
 			} else {
 				kg_skip(&c.res);
@@ -338,13 +356,15 @@ static void release(struct kg_conn *conn, int ok)
 	int idle = 0;
 	if (kg_lock()) return; /* cannot happen after a successful acquire */
 	if (!ok) end_generation(conn->gen);
-	for (struct kg_conn *c = T.conns; c; c = c->next) idle += !c->busy;
+	for (struct kg_conn *c = T.conns; c; c = c->next)
+		idle += !c->busy;
 	if (ok && conn->gen == T.gen && T.live && idle < POOL_IDLE) {
 		conn->busy = 0;
 		conn = NULL;
 	} else {
 		struct kg_conn **pp = &T.conns;
-		while (*pp != conn) pp = &(*pp)->next;
+		while (*pp != conn)
+			pp = &(*pp)->next;
 		*pp = conn->next;
 		T.nconns--;
 	}
@@ -424,7 +444,10 @@ static CK_RV acquire(uint32_t want, struct kg_conn **out, int *absent)
 	}
 }
 
-void kg_transport_init(const struct kg_config *cfg) { T.cfg = *cfg; }
+void kg_transport_init(const struct kg_config *cfg)
+{
+	T.cfg = *cfg;
+}
 
 /* The first connection (and the daemon-side application), made at
  * C_Initialize; an absent daemon is not an error: calls retry later. */
@@ -449,7 +472,10 @@ void kg_transport_close(void)
 	memset(&T, 0, sizeof(T));
 }
 
-uint32_t kg_current_gen(void) { return T.live ? T.gen : KG_GEN_NONE; }
+uint32_t kg_current_gen(void)
+{
+	return T.live ? T.gen : KG_GEN_NONE;
+}
 
 /* ---- calls ---- */
 
@@ -503,7 +529,8 @@ CK_RV kg_session_check(CK_SESSION_HANDLE h, uint32_t *gen)
 	CK_RV rv = kg_lock();
 	if (rv != CKR_OK) return rv;
 	struct session *s = find(h);
-	if (!s) rv = CKR_SESSION_HANDLE_INVALID;
+	if (!s)
+		rv = CKR_SESSION_HANDLE_INVALID;
 	else if (s->removed) {
 		rv = CKR_DEVICE_REMOVED;
 		*s = T.sessions[--T.nsessions];
@@ -544,6 +571,7 @@ void kg_session_remove_slot(uint32_t gen, CK_SLOT_ID slot)
 {
 	if (kg_lock()) return;
 	for (size_t i = T.nsessions; i-- > 0;)
-		if ((uint32_t)(T.sessions[i].h >> 32) == gen && T.sessions[i].slot == slot) T.sessions[i] = T.sessions[--T.nsessions];
+		if ((uint32_t)(T.sessions[i].h >> 32) == gen && T.sessions[i].slot == slot)
+			T.sessions[i] = T.sessions[--T.nsessions];
 	kg_unlock();
 }

@@ -27,7 +27,8 @@ static uint8_t *reserve(struct kg_buf *b, size_t n)
 	if (n > SIZE_MAX / 2 - b->len) goto fail;
 	if (b->len + n > b->cap) {
 		size_t cap = b->cap ? b->cap : 256;
-		while (cap < b->len + n) cap *= 2;
+		while (cap < b->len + n)
+			cap *= 2;
 		uint8_t *p = realloc(b->data, cap);
 		if (!p) goto fail;
 		b->data = p;
@@ -45,38 +46,61 @@ static void put_be(struct kg_buf *b, uint8_t tag, uint64_t v, int size)
 	uint8_t *p = reserve(b, 1 + (size_t)size);
 	if (!p) return;
 	p[0] = tag;
-	for (int i = 0; i < size; i++) p[1 + i] = (uint8_t)(v >> (8 * (size - 1 - i)));
+	for (int i = 0; i < size; i++)
+		p[1 + i] = (uint8_t)(v >> (8 * (size - 1 - i)));
 }
 
-void kg_put_nil(struct kg_buf *b) { put_be(b, 0xc0, 0, 0); }
-void kg_put_bool(struct kg_buf *b, int v) { put_be(b, v ? 0xc3 : 0xc2, 0, 0); }
+void kg_put_nil(struct kg_buf *b)
+{
+	put_be(b, 0xc0, 0, 0);
+}
+void kg_put_bool(struct kg_buf *b, int v)
+{
+	put_be(b, v ? 0xc3 : 0xc2, 0, 0);
+}
 
 void kg_put_uint(struct kg_buf *b, uint64_t v)
 {
-	if (v < 0x80) put_be(b, (uint8_t)v, 0, 0);
-	else if (v <= 0xff) put_be(b, 0xcc, v, 1);
-	else if (v <= 0xffff) put_be(b, 0xcd, v, 2);
-	else if (v <= 0xffffffffu) put_be(b, 0xce, v, 4);
-	else put_be(b, 0xcf, v, 8);
+	if (v < 0x80)
+		put_be(b, (uint8_t)v, 0, 0);
+	else if (v <= 0xff)
+		put_be(b, 0xcc, v, 1);
+	else if (v <= 0xffff)
+		put_be(b, 0xcd, v, 2);
+	else if (v <= 0xffffffffu)
+		put_be(b, 0xce, v, 4);
+	else
+		put_be(b, 0xcf, v, 8);
 }
 
 void kg_put_int(struct kg_buf *b, int64_t v)
 {
-	if (v >= 0) kg_put_uint(b, (uint64_t)v);
-	else if (v >= -32) put_be(b, (uint8_t)v, 0, 0);
-	else if (v >= INT8_MIN) put_be(b, 0xd0, (uint8_t)v, 1);
-	else if (v >= INT16_MIN) put_be(b, 0xd1, (uint16_t)v, 2);
-	else if (v >= INT32_MIN) put_be(b, 0xd2, (uint32_t)v, 4);
-	else put_be(b, 0xd3, (uint64_t)v, 8);
+	if (v >= 0)
+		kg_put_uint(b, (uint64_t)v);
+	else if (v >= -32)
+		put_be(b, (uint8_t)v, 0, 0);
+	else if (v >= INT8_MIN)
+		put_be(b, 0xd0, (uint8_t)v, 1);
+	else if (v >= INT16_MIN)
+		put_be(b, 0xd1, (uint16_t)v, 2);
+	else if (v >= INT32_MIN)
+		put_be(b, 0xd2, (uint32_t)v, 4);
+	else
+		put_be(b, 0xd3, (uint64_t)v, 8);
 }
 
 static void put_len(struct kg_buf *b, size_t n, uint8_t fix, size_t fixmax, const uint8_t tags[3])
 {
-	if (fix && n <= fixmax) put_be(b, (uint8_t)(fix | n), 0, 0);
-	else if (tags[0] && n <= 0xff) put_be(b, tags[0], n, 1);
-	else if (n <= 0xffff) put_be(b, tags[1], n, 2);
-	else if (n <= 0xffffffffu) put_be(b, tags[2], n, 4);
-	else b->failed = 1;
+	if (fix && n <= fixmax)
+		put_be(b, (uint8_t)(fix | n), 0, 0);
+	else if (tags[0] && n <= 0xff)
+		put_be(b, tags[0], n, 1);
+	else if (n <= 0xffff)
+		put_be(b, tags[1], n, 2);
+	else if (n <= 0xffffffffu)
+		put_be(b, tags[2], n, 4);
+	else
+		b->failed = 1;
 }
 
 static void put_raw(struct kg_buf *b, const void *p, size_t n)
@@ -130,7 +154,8 @@ static int take(struct kg_reader *r, size_t n, const uint8_t **p)
 static uint64_t be(const uint8_t *p, int n)
 {
 	uint64_t v = 0;
-	for (int i = 0; i < n; i++) v = (v << 8) | p[i];
+	for (int i = 0; i < n; i++)
+		v = (v << 8) | p[i];
 	return v;
 }
 
@@ -223,9 +248,12 @@ static int length(struct kg_reader *r, uint32_t *n)
 		*n = tag & ((tag & 0xe0) == 0xa0 ? 0x1f : 0x0f);
 		return 0;
 	}
-	if (tag == 0xc4 || tag == 0xd9) size = 1;
-	else if (tag == 0xc5 || tag == 0xda || tag == 0xdc || tag == 0xde) size = 2;
-	else size = 4;
+	if (tag == 0xc4 || tag == 0xd9)
+		size = 1;
+	else if (tag == 0xc5 || tag == 0xda || tag == 0xdc || tag == 0xde)
+		size = 2;
+	else
+		size = 4;
 	if (number(r, size, &v)) return -1;
 	*n = (uint32_t)v;
 	return 0;
@@ -239,8 +267,14 @@ static int bytes(struct kg_reader *r, enum kg_type want, const uint8_t **p, size
 	return 0;
 }
 
-int kg_get_bin(struct kg_reader *r, const uint8_t **p, size_t *n) { return bytes(r, KG_T_BIN, p, n); }
-int kg_get_str(struct kg_reader *r, const char **s, size_t *n) { return bytes(r, KG_T_STR, (const uint8_t **)s, n); }
+int kg_get_bin(struct kg_reader *r, const uint8_t **p, size_t *n)
+{
+	return bytes(r, KG_T_BIN, p, n);
+}
+int kg_get_str(struct kg_reader *r, const char **s, size_t *n)
+{
+	return bytes(r, KG_T_STR, (const uint8_t **)s, n);
+}
 
 /* Containers: each element takes at least one byte, so a count above the
  * bytes left is a lie and is rejected before anyone allocates for it. */
@@ -251,8 +285,14 @@ static int container(struct kg_reader *r, enum kg_type want, uint32_t per, uint3
 	return 0;
 }
 
-int kg_get_array(struct kg_reader *r, uint32_t *n) { return container(r, KG_T_ARRAY, 1, n); }
-int kg_get_map(struct kg_reader *r, uint32_t *n) { return container(r, KG_T_MAP, 2, n); }
+int kg_get_array(struct kg_reader *r, uint32_t *n)
+{
+	return container(r, KG_T_ARRAY, 1, n);
+}
+int kg_get_map(struct kg_reader *r, uint32_t *n)
+{
+	return container(r, KG_T_MAP, 2, n);
+}
 
 static int skip(struct kg_reader *r, int depth)
 {
@@ -264,12 +304,18 @@ static int skip(struct kg_reader *r, int depth)
 	int b;
 	if (depth > KG_MAX_DEPTH) return fail(r);
 	switch (kg_peek(r)) {
-	case KG_T_NIL: return kg_get_nil(r);
-	case KG_T_BOOL: return kg_get_bool(r, &b);
-	case KG_T_UINT: return kg_get_uint(r, &u);
-	case KG_T_INT: return kg_get_int(r, &s);
-	case KG_T_BIN: return kg_get_bin(r, &p, &n);
-	case KG_T_STR: return kg_get_str(r, (const char **)&p, &n);
+	case KG_T_NIL:
+		return kg_get_nil(r);
+	case KG_T_BOOL:
+		return kg_get_bool(r, &b);
+	case KG_T_UINT:
+		return kg_get_uint(r, &u);
+	case KG_T_INT:
+		return kg_get_int(r, &s);
+	case KG_T_BIN:
+		return kg_get_bin(r, &p, &n);
+	case KG_T_STR:
+		return kg_get_str(r, (const char **)&p, &n);
 	case KG_T_ARRAY:
 		if (kg_get_array(r, &count)) return -1;
 		items = count;
@@ -278,14 +324,18 @@ static int skip(struct kg_reader *r, int depth)
 		if (kg_get_map(r, &count)) return -1;
 		items = 2 * (uint64_t)count;
 		break;
-	default: return fail(r);
+	default:
+		return fail(r);
 	}
 	for (uint64_t i = 0; i < items; i++)
 		if (skip(r, depth + 1)) return -1;
 	return 0;
 }
 
-int kg_skip(struct kg_reader *r) { return skip(r, 0); }
+int kg_skip(struct kg_reader *r)
+{
+	return skip(r, 0);
+}
 
 int kg_check_value(const uint8_t *p, size_t len)
 {

@@ -52,7 +52,8 @@ static void results(const struct kg_reader *res, CK_RV rv)
 			t[i] = (CK_ATTRIBUTE){types[i], pass ? (nested ? (void *)inner : bytes[i]) : NULL,
 			                      nested ? sizeof(inner) : (CK_ULONG)(i % 3 ? 8 : 1)};
 		}
-		for (int j = 0; j < 4; j++) inner[j] = (CK_ATTRIBUTE){0, pass ? inner_bytes[j] : NULL, 8};
+		for (int j = 0; j < 4; j++)
+			inner[j] = (CK_ATTRIBUTE){0, pass ? inner_bytes[j] : NULL, 8};
 		r = *res;
 		kg_get_attribute_values(&r, t, n, rv);
 	}

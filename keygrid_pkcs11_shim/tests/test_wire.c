@@ -14,15 +14,15 @@
 #include "../keygrid.h"
 
 static int failures, checks;
-#define CHECK(cond, ...)                                              \
-	do {                                                              \
-		checks++;                                                     \
-		if (!(cond)) {                                                \
-			failures++;                                               \
+#define CHECK(cond, ...)                                                                \
+	do {                                                                            \
+		checks++;                                                               \
+		if (!(cond)) {                                                          \
+			failures++;                                                     \
 			fprintf(stderr, "%s:%d: FAIL %s: ", __FILE__, __LINE__, #cond); \
-			fprintf(stderr, __VA_ARGS__);                             \
-			fputc('\n', stderr);                                      \
-		}                                                             \
+			fprintf(stderr, __VA_ARGS__);                                   \
+			fputc('\n', stderr);                                            \
+		}                                                                       \
 	} while (0)
 
 struct vector {
@@ -62,7 +62,8 @@ static void load(const char *path)
 		memcpy(v->name, line, strlen(line) + 1);
 		v->len = strlen(hex) / 2;
 		v->bytes = malloc(v->len + 1);
-		for (size_t i = 0; i < v->len; i++) sscanf(hex + 2 * i, "%2hhx", &v->bytes[i]);
+		for (size_t i = 0; i < v->len; i++)
+			sscanf(hex + 2 * i, "%2hhx", &v->bytes[i]);
 		v->literal = strdup(lit);
 	}
 	fclose(f);
@@ -154,7 +155,8 @@ static int walk(struct kg_reader *r, struct text *t, struct kg_buf *enc)
 		out(t, map ? "}" : "]");
 		return 0;
 	}
-	default: return -1;
+	default:
+		return -1;
 	}
 }
 
@@ -170,7 +172,8 @@ static void test_vectors(void)
 		CHECK(kg_check_value(v->bytes, v->len) == 0, "%s: well-formed", v->name);
 		CHECK(walk(&r, &text, &enc) == 0 && r.pos == v->len, "%s: decodes", v->name);
 		CHECK(!strcmp(text.s, v->literal), "%s: renders %s", v->name, text.s);
-		CHECK(enc.len == v->len && !memcmp(enc.data, v->bytes, v->len), "%s: re-encodes to the same bytes", v->name);
+		CHECK(enc.len == v->len && !memcmp(enc.data, v->bytes, v->len), "%s: re-encodes to the same bytes",
+		      v->name);
 		for (size_t cut = 0; cut < v->len; cut++) /* truncated */
 			CHECK(kg_check_value(v->bytes, cut) != 0, "%s: prefix of %zu bytes rejected", v->name, cut);
 		v->bytes[v->len] = 0xc0; /* trailing byte */
@@ -188,18 +191,18 @@ static void test_rejects(void)
 		uint8_t bytes[16];
 		size_t len;
 	} bad[] = {
-	    {"reserved 0xc1", {0xc1}, 1},
-	    {"float32", {0xca, 0, 0, 0, 0}, 5},
-	    {"float64", {0xcb, 0, 0, 0, 0, 0, 0, 0, 0}, 9},
-	    {"fixext1", {0xd4, 1, 0}, 3},
-	    {"ext8", {0xc7, 1, 1, 0}, 4},
-	    {"array32 claims 4G elements", {0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0}, 6},
-	    {"map32 claims 4G pairs", {0xdf, 0xff, 0xff, 0xff, 0xff, 0xc0, 0xc0}, 7},
-	    {"bin32 longer than the data", {0xc6, 0xff, 0xff, 0xff, 0xff, 0x00}, 6},
-	    {"str32 longer than the data", {0xdb, 0x7f, 0xff, 0xff, 0xff, 'a'}, 6},
-	    {"array16 one short", {0xdc, 0x00, 0x03, 0xc0, 0xc0}, 5},
-	    {"map with a missing value", {0x81, 0xc0}, 2},
-	    {"empty input", {0}, 0},
+	        {"reserved 0xc1", {0xc1}, 1},
+	        {"float32", {0xca, 0, 0, 0, 0}, 5},
+	        {"float64", {0xcb, 0, 0, 0, 0, 0, 0, 0, 0}, 9},
+	        {"fixext1", {0xd4, 1, 0}, 3},
+	        {"ext8", {0xc7, 1, 1, 0}, 4},
+	        {"array32 claims 4G elements", {0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0}, 6},
+	        {"map32 claims 4G pairs", {0xdf, 0xff, 0xff, 0xff, 0xff, 0xc0, 0xc0}, 7},
+	        {"bin32 longer than the data", {0xc6, 0xff, 0xff, 0xff, 0xff, 0x00}, 6},
+	        {"str32 longer than the data", {0xdb, 0x7f, 0xff, 0xff, 0xff, 'a'}, 6},
+	        {"array16 one short", {0xdc, 0x00, 0x03, 0xc0, 0xc0}, 5},
+	        {"map with a missing value", {0x81, 0xc0}, 2},
+	        {"empty input", {0}, 0},
 	};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
 		CHECK(kg_check_value(bad[i].bytes, bad[i].len) != 0, "%s rejected", bad[i].what);
@@ -236,16 +239,20 @@ static void test_long_forms(void)
 	kg_put_bin(&b, data, n);
 	kg_put_str(&b, (const char *)data, n);
 	kg_put_array(&b, 70000);
-	for (size_t i = 0; i < 70000; i++) kg_put_nil(&b);
+	for (size_t i = 0; i < 70000; i++)
+		kg_put_nil(&b);
 	kg_put_map(&b, 70000);
-	for (size_t i = 0; i < 140000; i++) kg_put_uint(&b, 1);
-	CHECK(!b.failed && b.data[0] == 0xc6 && b.data[1] == 0 && b.data[2] == 1 && b.data[3] == 0x11 && b.data[4] == 0x70,
+	for (size_t i = 0; i < 140000; i++)
+		kg_put_uint(&b, 1);
+	CHECK(!b.failed && b.data[0] == 0xc6 && b.data[1] == 0 && b.data[2] == 1 && b.data[3] == 0x11 &&
+	              b.data[4] == 0x70,
 	      "bin32 header");
 	CHECK(b.data[5 + n] == 0xdb, "str32 header");
 	CHECK(b.data[10 + 2 * n] == 0xdd, "array32 header");
 	CHECK(b.data[15 + 3 * n] == 0xdf, "map32 header");
 	struct kg_reader r = {b.data, b.len, 0, 0};
-	for (int i = 0; i < 4; i++) CHECK(kg_skip(&r) == 0, "long form %d decodes", i);
+	for (int i = 0; i < 4; i++)
+		CHECK(kg_skip(&r) == 0, "long form %d decodes", i);
 	CHECK(r.pos == b.len, "all consumed");
 	kg_buf_free(&b);
 	free(data);
@@ -275,7 +282,8 @@ static void check_mech(const char *name, CK_MECHANISM_TYPE type, void *param, CK
 static void test_mechanisms(void)
 {
 	CK_BYTE iv16[16], zero12[12] = {0}, aad[] = "aad", label[] = "label", pub[] = {4, 1, 2}, ctx[] = "ctx";
-	for (int i = 0; i < 16; i++) iv16[i] = (CK_BYTE)i;
+	for (int i = 0; i < 16; i++)
+		iv16[i] = (CK_BYTE)i;
 	CK_GCM_PARAMS gcm = {zero12, 12, 96, aad, 3, 128};
 	CK_RSA_PKCS_OAEP_PARAMS oaep = {0x250, 2, 1, label, 5};
 	CK_RSA_PKCS_PSS_PARAMS pss = {0x250, 2, 32};
@@ -313,12 +321,12 @@ static void test_templates(void)
 	CK_ATTRIBUTE inner[] = {{0x100, &aes, sizeof(aes)}, {0x161, &len32, sizeof(len32)}};
 	CK_BYTE vendor[] = {1, 2};
 	CK_ATTRIBUTE t[] = {
-	    {0x0, &cls, sizeof(cls)},
-	    {0x1, &yes, sizeof(yes)},
-	    {0x3, "key", 3},
-	    {0x40000600, mechs, sizeof(mechs)},
-	    {0x40000211, inner, sizeof(inner)},
-	    {0x80000001, vendor, sizeof(vendor)},
+	        {0x0, &cls, sizeof(cls)},
+	        {0x1, &yes, sizeof(yes)},
+	        {0x3, "key", 3},
+	        {0x40000600, mechs, sizeof(mechs)},
+	        {0x40000211, inner, sizeof(inner)},
+	        {0x80000001, vendor, sizeof(vendor)},
 	};
 	struct kg_buf b = {0};
 	CHECK(kg_put_template(&b, t, 6, 0) == CKR_OK && same(&b, "template-kinds"), "template encodes as the vector");
@@ -359,8 +367,8 @@ static void test_replies(void)
 	CK_ULONG key_type;
 	CK_ATTRIBUTE inner[3];
 	CK_ATTRIBUTE t[] = {
-	    {0x3, label, sizeof(label)},    {0x11, value, sizeof(value)}, {0x108, &sign, 1},
-	    {0x100, &key_type, 8},          {0x40000600, NULL, 0},        {0x40000212, inner, sizeof(inner)},
+	        {0x3, label, sizeof(label)}, {0x11, value, sizeof(value)}, {0x108, &sign, 1},
+	        {0x100, &key_type, 8},       {0x40000600, NULL, 0},        {0x40000212, inner, sizeof(inner)},
 	};
 	memset(inner, 0, sizeof(inner));
 	struct kg_reader r = result_of("reply-attributes", &rv);
@@ -414,7 +422,8 @@ static void test_replies(void)
 	CK_UTF8CHAR field[5];
 	kg_pad(field, sizeof(field), "\xd0\xba\xd0\xbb\xd1\x8e", 6); /* "клю" into 5 bytes: "кл" + blank */
 	CHECK(!memcmp(field, "\xd0\xba\xd0\xbb ", 5), "cut on a character boundary");
-	CHECK(kg_attr_kind(0x1) == KG_KIND_BOOL && kg_attr_kind(0x0) == KG_KIND_ULONG && kg_attr_kind(0x3) == KG_KIND_BYTES,
+	CHECK(kg_attr_kind(0x1) == KG_KIND_BOOL && kg_attr_kind(0x0) == KG_KIND_ULONG &&
+	              kg_attr_kind(0x3) == KG_KIND_BYTES,
 	      "attribute kinds");
 }
 
@@ -431,7 +440,8 @@ int main(int argc, char **argv)
 	test_mechanisms();
 	test_templates();
 	test_replies();
-	for (int i = 0; i < nvectors; i++) free(vectors[i].bytes), free(vectors[i].literal);
+	for (int i = 0; i < nvectors; i++)
+		free(vectors[i].bytes), free(vectors[i].literal);
 	printf("test_wire: %d vectors, %d checks, %d failures\n", nvectors, checks, failures);
 	return failures != 0;
 }

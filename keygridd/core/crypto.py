@@ -122,10 +122,11 @@ class CryptoFunctions(ObjectFunctions, CoreState):
     ) -> Work[Out]:
         """Apply the output-buffer convention around one computation."""
         try:
-            if op.pending is not None and op.pending[:2] == (step, data):
+            cached = op.pending is not None and op.pending[:2] == (step, data)
+            if out_len == -1:  # a length query never ends the operation
+                return [None, len(op.pending[2]) if op.pending is not None and cached else bound()]
+            if cached and op.pending is not None:
                 output = op.pending[2]
-            elif out_len == -1:
-                return [None, bound()]
             else:
                 output = yield Offload(compute, op.thread)
             if out_len is not None and out_len >= 0 and len(output) > out_len:

@@ -15,15 +15,17 @@ PINs are kept as scrypt hashes; ``max_pin_failures`` wrong PINs in a row lock it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import msgpack
 
@@ -86,6 +88,18 @@ class _State:
     objects: dict[bytes, Attributes] = field(default_factory=dict)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: MemoryStore, *args: Any) -> Any:
+        with self._lock:
+            return method(self, *args)
+
+    return cast(F, wrapper)
+
+
 class MemoryStore(TokenStore):
     def __init__(self, options: MemoryOptions, slot_id: int) -> None:
         self.options = options
@@ -93,6 +107,8 @@ class MemoryStore(TokenStore):
         self.blocking = self.path is not None
         self.description = TokenDescription(model="memory", serial=options.serial or f"kg-mem-{slot_id}")
         self.state = self._read() if self.path is not None and self.path.exists() else _State()
+        # Store methods run in worker threads when persisting: one at a time.
+        self._lock = threading.RLock()
 
     # --- persistence -------------------------------------------------------------------------
 
@@ -192,22 +208,26 @@ class MemoryStore(TokenStore):
         self._save()
         raise PinIncorrect()
 
+    @_locked
     def init_token(self, so_pin: bytes, label: bytes) -> None:
         if self.state.so_pin is not None:
             self._verify(self.state.so_pin, so_pin)
         self.state = _State(label=label, so_pin=_Pin.make(so_pin))
         self._save()
 
+    @_locked
     def check_pin(self, user_type: int, pin: bytes) -> None:
         record = self.state.so_pin if user_type == CKU.SO else self.state.user_pin
         if record is None:
             raise UserPinNotInitialized()
         self._verify(record, pin)
 
+    @_locked
     def init_pin(self, pin: bytes) -> None:
         self.state.user_pin = _Pin.make(pin)
         self._save()
 
+    @_locked
     def set_pin(self, user_type: int, old_pin: bytes, new_pin: bytes) -> None:
         self.check_pin(user_type, old_pin)
         if user_type == CKU.SO:
@@ -219,10 +239,12 @@ class MemoryStore(TokenStore):
     def objects(self) -> Mapping[bytes, Attributes]:
         return self.state.objects
 
+    @_locked
     def put_object(self, oid: bytes, attrs: Attributes) -> None:
         self.state.objects[oid] = dict(attrs)
         self._save()
 
+    @_locked
     def delete_object(self, oid: bytes) -> None:
         self.state.objects.pop(oid, None)
         self._save()

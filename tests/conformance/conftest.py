@@ -3,13 +3,18 @@
 A door is an object with one method per PKCS#11 function (``C_Sign(session,
 data)``), results as Python values and failures raised as the
 ``keygridd.pkcs11.errors`` class of the CKR. ``client`` is the Python client;
-the shim door loads ``libkeygrid-pkcs11.so`` and is added by its tests.
+``shim`` loads ``libkeygrid-pkcs11.so`` (built here with its Makefile) and
+calls it with ctypes. A PKCS#11 module is one application per process, so
+tests that need a second application use the ``other`` fixture (the client).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,11 +23,21 @@ from keygridd.client import Client
 from keygridd.pkcs11 import CKU
 from keygridd.pkcs11._constants import CKF_RW_SESSION, CKF_SERIAL_SESSION
 from keygridd.pkcs11.errorbase import PKCS11Error
+from tests.shim.door import ShimDoor
 
 RW = CKF_SERIAL_SESSION | CKF_RW_SESSION
 RO = CKF_SERIAL_SESSION
 
-DOORS: dict[str, Callable[[str], Any]] = {"client": lambda path: Client(path)}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _shim_door(path: str) -> Any:
+    subprocess.run(["make", "-s", "-C", str(ROOT / "keygrid_pkcs11_shim")], check=True, capture_output=True)
+    library = os.environ.get("KEYGRID_SHIM_LIB") or str(ROOT / "keygrid_pkcs11_shim/build/libkeygrid-pkcs11.so")
+    return ShimDoor(library, path)
+
+
+DOORS: dict[str, Callable[[str], Any]] = {"client": lambda path: Client(path), "shim": _shim_door}
 
 
 @pytest.fixture(params=sorted(DOORS))

@@ -194,14 +194,14 @@ def test_sensitive_values_never_match_a_search(p11: Any, session: int) -> None:
     assert find(p11, session, {CKA.LABEL: b"hid", CKA.VALUE: value}) == []
 
 
-def test_token_objects_survive_the_application(p11: Any, door: Any, daemon: Any) -> None:
+def test_token_objects_survive_the_application(p11: Any, daemon: Any) -> None:
     s = p11.C_OpenSession(0, RW)
     p11.C_Login(s, CKU.USER, daemon.user_pin)
     _pub, _priv = p11.C_GenerateKeyPair(
         s, Mechanism(CKM.EC_KEY_PAIR_GEN), {CKA.EC_PARAMS: P256, CKA.TOKEN: True, CKA.LABEL: b"persist"},
         {CKA.TOKEN: True, CKA.LABEL: b"persist"},
     )  # fmt: skip
-    later = door(daemon.socket)
+    later = Client(daemon.socket)  # another application (a module is one application per process)
     try:
         s2 = later.C_OpenSession(0, RW)
         later.C_Login(s2, CKU.USER, daemon.user_pin)

@@ -7,6 +7,7 @@ and the daemon answers CKR_BUFFER_TOO_SMALL with the length needed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -66,3 +67,14 @@ def test_get_attribute_value_return_codes(daemon: Any) -> None:
             [b"k", None],
         )
         assert c.call_raw("C_GetAttributeValue", s, key, [CKA.VALUE_LEN]) == (CKR.OK, [16])
+
+
+def test_length_query_after_a_short_buffer_keeps_the_operation(daemon: Any) -> None:
+    """pkcs11-tool --test's sequence: short buffer, then NULL, then a big enough buffer."""
+    with Client(daemon.socket) as c:
+        s = c.C_OpenSession(0, 6)
+        c.C_DigestInit(s, Mechanism(CKM.SHA256))
+        assert c.call_raw("C_Digest", s, b"data", 1) == (CKR.BUFFER_TOO_SMALL, [None, 32])
+        assert c.call_raw("C_Digest", s, b"data", -1) == (CKR.OK, [None, 32])
+        rv, (digest, length) = c.call_raw("C_Digest", s, b"data", 32)
+        assert rv == CKR.OK and length == 32 and digest == hashlib.sha256(b"data").digest()

@@ -266,16 +266,27 @@ def _py_value(attr: int, raw: bytes, depth: int = 0) -> AttrValue:
 
 
 class ShimDoor:
-    """The Client API over the C shim. One instance initialises the module once."""
+    """The Client API over the C shim.
+
+    A PKCS#11 module is initialised once per process, so one ShimDoor is one
+    application: a second ShimDoor before ``close()`` gets
+    CKR_CRYPTOKI_ALREADY_INITIALIZED (use the Python client for a second,
+    independent application).
+    """
 
     def __init__(self, lib_path: str, socket_path: str | None = None) -> None:
+        self._saved = os.environ.get("KEYGRID_SOCKET")
         if socket_path is not None:
-            os.environ["KEYGRID_SOCKET"] = socket_path
+            os.environ["KEYGRID_SOCKET"] = socket_path  # read by C_Initialize
         self.lib = ctypes.CDLL(lib_path)
         self._check(self.lib.C_Initialize(None))
 
     def close(self) -> None:
         self.lib.C_Finalize(None)
+        if self._saved is None:
+            os.environ.pop("KEYGRID_SOCKET", None)
+        else:
+            os.environ["KEYGRID_SOCKET"] = self._saved
 
     def __enter__(self) -> ShimDoor:
         return self

@@ -261,12 +261,8 @@ def test_length_query_and_short_buffer_keep_the_operation(door: ShimDoor) -> Non
     assert door.raw("C_Sign", CK_ULONG(session), data, CK_ULONG(32), buf, None) == CKR.ARGUMENTS_BAD
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keygridd/core/crypto.py _run: a length query (out_len -1) after CKR_BUFFER_TOO_SMALL returns the"
-    " pending output and ends the operation; it must answer the length and keep the operation",
-)
 def test_length_query_after_short_buffer(door: ShimDoor) -> None:
+    """The order pkcs11-tool --test uses: short buffer, NULL buffer, then the full buffer."""
     session = logged_in(door)
     _, private = ec_key(door, session)
     door.C_SignInit(session, CKM.ECDSA, private)
