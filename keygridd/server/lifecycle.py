@@ -115,6 +115,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
             async for signum in signals:
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 accepting.cancel()
+                await listener.aclose()  # new clients are refused at once, not left in the backlog
                 for conn in list(connections):
                     conn.read_scope.cancel()
                 with trio.move_on_after(server.shutdown_grace_seconds):
