@@ -10,6 +10,7 @@ it exits non-zero (unless ``check=False``).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -56,7 +57,7 @@ slots:
 def consumer_environment(sock: str) -> dict[str, str]:
     drop = ("KEYGRID_", "OPENSSL_", "GNUTLS_", "P11_KIT_", "SOFTHSM2_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(KEYGRID_SOCKET=sock, KEYGRID_PKCS11_CONF="/nonexistent/keygrid-pkcs11.conf")
+    env.update(KEYGRID_SOCKET=sock, KEYGRID_PKCS11_CONF="/nonexistent/keygrid-pkcs11.conf", KEYGRID_SHIM=str(SHIM))
     return env
 
 
@@ -76,11 +77,15 @@ class Consumers:
     env: dict[str, str]
     daemon: Any  # tests/conftest.py RunningDaemon
 
-    def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return run_command(argv, self.env, **kwargs)
+    def run(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        return run_command(argv, self.env if env is None else env, **kwargs)
 
-    def driver(self, *args: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return run_command([sys.executable, str(DRIVER), *args], self.env, timeout=timeout, **kwargs)
+    def driver(self, *args: str, timeout: float = 60.0, **kwargs: Any) -> Any:
+        """Run a driver.py scenario; its JSON result."""
+        out = run_command([sys.executable, str(DRIVER), *args], self.env, timeout=timeout, **kwargs).stdout
+        return json.loads(out.splitlines()[-1])
 
     def pkcs11_tool(self, *args: str, login: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         argv = ["pkcs11-tool", "--module", str(SHIM)]

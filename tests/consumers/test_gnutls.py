@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from consumer_kit import SHIM, TOKEN_LABEL, USER_PIN, Consumers, consumer_config, consumer_environment, run_command, start_daemon_at
+from consumer_kit import (
+    SHIM,
+    TOKEN_LABEL,
+    USER_PIN,
+    Consumers,
+    consumer_config,
+    consumer_environment,
+    run_command,
+    start_daemon_at,
+)
 
 pytestmark = pytest.mark.shim
 

@@ -1,0 +1,283 @@
+"""PKCS#11 throughput of KeyGrid's shim next to SoftHSM2, direct and remoted by p11-kit, from one run.
+
+Usage: ``python bench/bench_pkcs11.py [--seconds 2] [--threads 1 4] [--ops OP ...]``
+
+One C load generator (``bench/pkcs11_loadgen.c``, compiled by this script
+with cc) drives three PKCS#11 modules, each with its own session keys made at
+the start (EC P-256, RSA-2048, AES-256, and a data object to find by label):
+
+* a: SoftHSM2 loaded directly (``libsofthsm2.so``; a token in a temporary
+  directory named by ``SOFTHSM2_CONF``, made with ``softhsm2-util``): the
+  in-process ceiling;
+* b: the same SoftHSM2 token remoted by p11-kit (``p11-kit server`` on a Unix
+  socket, ``p11-kit-client.so`` in the load generator): a C RPC baseline;
+* c: ``libkeygrid-pkcs11.so`` to a keygridd with one memory slot, started for
+  the run as in ``bench/bench_rpc.py``.
+
+For each thread count, N threads each open their own session and repeat an
+operation for the given time; the table shows ops/s per module and the
+ratios c/a and c/b. p11-kit 0.24 does not marshal CK_GCM_PARAMS: its AES-GCM
+cell reads "refused" (the load generator reports the CK_RV). After the table
+the targets from the performance issue are checked and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LOADGEN_SOURCE = REPO / "bench" / "pkcs11_loadgen.c"
+SHIM_DIR = REPO / "keygrid_pkcs11_shim"
+SHIM = SHIM_DIR / "build" / "libkeygrid-pkcs11.so"
+SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
+P11_KIT_CLIENT = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
+OPS = ("ecdsa-p256-sign", "rsa2048-sign", "aes256-gcm-1k", "random-32", "find-label")
+TARGETS_NOTE = "targets: ECDSA c/b >= 1.2 (1 and 4 threads), ECDSA c/a >= 0.35 (1 thread), random and find c/b >= 1.0, AES-GCM(c) >= 0.5 x random(c)"
+START_TIMEOUT = 30.0
+
+Cell = float | str  # ops/s, or why there is no figure ("refused 0x70", "-")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    module: str
+    env: dict[str, str]
+    token: str
+    pin: str
+
+
+def random_digits(count: int) -> str:
+    import secrets
+
+    return "".join(secrets.choice("0123456789") for _ in range(count))
+
+
+def build_loadgen(directory: Path) -> Path:
+    binary = directory / "pkcs11_loadgen"
+    cc = os.environ.get("CC", "cc")
+    subprocess.run(
+        [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-I/usr/include/p11-kit-1",
+         "-o", str(binary), str(LOADGEN_SOURCE), "-ldl"],
+        check=True, timeout=120,
+    )  # fmt: skip
+    return binary
+
+
+def build_shim() -> Path:
+    subprocess.run(["make", "-s", "-C", str(SHIM_DIR)], check=True, timeout=300, stdout=subprocess.DEVNULL)
+    return SHIM
+
+
+def base_env() -> dict[str, str]:
+    drop = ("KEYGRID_", "SOFTHSM2_", "P11_KIT_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The three modules
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def softhsm_token(directory: Path, label: str, pin: str) -> dict[str, str]:
+    tokens = directory / "softhsm-tokens"
+    tokens.mkdir()
+    conf = directory / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = {**base_env(), "SOFTHSM2_CONF": str(conf)}
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", random_digits(12), "--pin", pin],
+        env=env, check=True, timeout=60, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return env
+
+
+@contextlib.contextmanager
+def p11_kit_server(directory: Path, softhsm_env: dict[str, str], label: str) -> Iterator[dict[str, str]]:
+    runtime = directory / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**softhsm_env, "XDG_RUNTIME_DIR": str(runtime)}
+    output = directory / "p11-kit-server.out"
+    with output.open("wb") as out:
+        process = subprocess.Popen(
+            ["p11-kit", "server", "-f", "-s", "--provider", str(SOFTHSM), f"pkcs11:token={label}"],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        address = None
+        while address is None:
+            text = output.read_text(errors="replace")
+            found = re.search(r"P11_KIT_SERVER_ADDRESS=([^;\s]+)", text)
+            if found:
+                address = found.group(1)
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"p11-kit server did not start: {text.strip()}")
+            time.sleep(0.05)
+        yield {**base_env(), "P11_KIT_SERVER_ADDRESS": address}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def keygridd(directory: Path, pin: str) -> Iterator[dict[str, str]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_rpc import keygridd_server  # one memory slot, token "bench", as the RPC benchmark runs it
+
+    kg_dir = directory / "keygridd"
+    kg_dir.mkdir()
+    with keygridd_server(kg_dir, pin) as sock:
+        yield {**base_env(), "KEYGRID_SOCKET": sock, "KEYGRID_PKCS11_CONF": str(kg_dir / "absent.conf")}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_loadgen(loadgen: Path, target: Target, threads: int, seconds: float, ops: list[str]) -> dict[str, Cell]:
+    argv = [str(loadgen), "--module", target.module, "--token", target.token, "--pin", target.pin,
+            "--threads", str(threads), "--seconds", str(seconds), "--ops", ",".join(ops)]  # fmt: skip
+    try:
+        proc = subprocess.run(
+            argv, env=target.env, capture_output=True, text=True, timeout=len(ops) * (seconds + 30) + 120, check=False
+        )
+    except subprocess.TimeoutExpired:
+        print(f"{target.name} x{threads}: the load generator timed out", file=sys.stderr)
+        return {}
+    cells: dict[str, Cell] = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] != ["RESULT"] or len(parts) < 4:
+            continue
+        op = parts[1]
+        cells[op] = f"refused {parts[4]}" if parts[3] == "refused" else float(parts[3])
+    if proc.returncode != 0:
+        print(f"{target.name} x{threads}: exit {proc.returncode}: {proc.stderr.strip()}", file=sys.stderr)
+    return cells
+
+
+def rate(cell: Cell | None) -> str:
+    if cell is None:
+        return "-"
+    if isinstance(cell, str):
+        return cell.split()[0]  # "refused"
+    return f"{cell:,.0f}"
+
+
+def ratio(numerator: Cell | None, denominator: Cell | None) -> str:
+    if not isinstance(numerator, float) or not isinstance(denominator, float) or denominator == 0:
+        return "-"
+    return f"{numerator / denominator:.2f}"
+
+
+def print_table(results: dict[tuple[str, str, int], Cell], ops: list[str], thread_counts: list[int]) -> None:
+    header = ("op", "threads", "a softhsm ops/s", "b p11-kit ops/s", "c keygrid ops/s", "c/a", "c/b")
+    lines = [header]
+    for op in ops:
+        for n in thread_counts:
+            a, b, c = (results.get((t, op, n)) for t in ("a", "b", "c"))
+            lines.append((op, str(n), rate(a), rate(b), rate(c), ratio(c, a), ratio(c, b)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for index, line in enumerate(lines):
+        print(
+            "  ".join(
+                [line[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(line[1:], widths[1:], strict=True))]
+            )
+        )
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def check_targets(results: dict[tuple[str, str, int], Cell], thread_counts: list[int]) -> list[str]:
+    def value(target: str, op: str, n: int) -> float | None:
+        cell = results.get((target, op, n))
+        return cell if isinstance(cell, float) else None
+
+    lines = []
+
+    def check(label: str, numerator: float | None, denominator: float | None, goal: float) -> None:
+        if numerator is None or not denominator:
+            lines.append(f"  {label}: no figure")
+            return
+        got = numerator / denominator
+        lines.append(f"  {label} = {got:.2f} (target >= {goal}): {'met' if got >= goal else 'MISSED'}")
+
+    for n in thread_counts:
+        check(
+            f"ECDSA P-256 c/b at {n} thread(s)", value("c", "ecdsa-p256-sign", n), value("b", "ecdsa-p256-sign", n), 1.2
+        )
+    if 1 in thread_counts:
+        check("ECDSA P-256 c/a at 1 thread", value("c", "ecdsa-p256-sign", 1), value("a", "ecdsa-p256-sign", 1), 0.35)
+    for n in thread_counts:
+        check(f"random c/b at {n} thread(s)", value("c", "random-32", n), value("b", "random-32", n), 1.0)
+        check(f"find c/b at {n} thread(s)", value("c", "find-label", n), value("b", "find-label", n), 1.0)
+        check(f"AES-GCM(c)/random(c) at {n} thread(s)", value("c", "aes256-gcm-1k", n), value("c", "random-32", n), 0.5)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell (default 2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 4], help="thread counts (default 1 4)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="operations (default all)")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or any(n < 1 for n in args.threads):
+        parser.error("--seconds and --threads must be positive")
+    for tool in ("cc", "softhsm2-util", "p11-kit"):
+        if shutil.which(os.environ.get("CC", "cc") if tool == "cc" else tool) is None:
+            parser.error(f"{tool} is not installed (make deps)")
+    for library in (SOFTHSM, P11_KIT_CLIENT):
+        if not library.exists():
+            parser.error(f"{library} is missing (make deps)")
+
+    for name in [k for k in os.environ if k.startswith("KEYGRID_")]:
+        del os.environ[name]  # keygridd reads KEYGRID_SOCKET & co.: the daemon for this run must use its own
+    pin = random_digits(8)
+    results: dict[tuple[str, str, int], Cell] = {}
+    with tempfile.TemporaryDirectory(prefix="keygrid-bench-pkcs11-") as tmp:
+        directory = Path(tmp)
+        loadgen = build_loadgen(directory)
+        shim = build_shim()
+        softhsm_env = softhsm_token(directory, "bench", pin)
+        with p11_kit_server(directory, softhsm_env, "bench") as p11_kit_env, keygridd(directory, pin) as kg_env:
+            targets = [
+                Target("a", str(SOFTHSM), softhsm_env, "bench", pin),
+                Target("b", str(P11_KIT_CLIENT), p11_kit_env, "bench", pin),
+                Target("c", str(shim), kg_env, "bench", pin),
+            ]
+            for n in args.threads:
+                for target in targets:
+                    for op, cell in run_loadgen(loadgen, target, n, args.seconds, args.ops).items():
+                        results[target.name, op, n] = cell
+
+    print(f"PKCS#11 benchmark: {args.seconds:g} s per cell, {os.cpu_count()} CPUs")
+    print("a = SoftHSM2 direct, b = SoftHSM2 via p11-kit server/client, c = KeyGrid shim -> keygridd (memory slot)")
+    print()
+    print_table(results, args.ops, args.threads)
+    print()
+    print(TARGETS_NOTE)
+    for line in check_targets(results, args.threads):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
