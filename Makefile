@@ -92,6 +92,7 @@ test-slow: deps venv
 
 bench: venv shim
 	$(VENV)/bin/python bench/bench_rpc.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/bench_pkcs11.py $(BENCH_ARGS)
 
 fuzz:
 	$(MAKE) -C $(SHIM) fuzz

@@ -316,8 +316,14 @@ def keygridd_server(directory: Path, user_pin: str) -> Iterator[str]:
     config_path.chmod(0o600)
     log_path = directory / "keygridd.log"
     with log_path.open("wb") as log:
+        # The daemon serves the socket in its config: no KEYGRID_* setting of the caller may override it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGRID_")}
         process = subprocess.Popen(
-            [*keygridd_command(), "--config", str(config_path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            [*keygridd_command(), "--config", str(config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
         )
     try:
         wait_for_keygridd(path, process, log_path)

@@ -200,7 +200,7 @@ static int open_socket(const char *path, int timeout_ms)
 /* Sends the request in c->req and reads one reply frame into c->reply. */
 static CK_RV exchange(struct kg_conn *conn, struct kg_call *c, uint32_t max_frame, size_t *len, int *clean)
 {
-	uint8_t head[4];
+	uint8_t head[4], first[4096];
 	int64_t deadline = deadline_in(T.cfg.call_timeout_ms);
 	size_t n;
 	*clean = 1; /* nothing sent yet: the connection stays usable */
@@ -210,12 +210,25 @@ static CK_RV exchange(struct kg_conn *conn, struct kg_call *c, uint32_t max_fram
 	*clean = 0;
 	for (int i = 0; i < 4; i++)
 		c->req.data[i] = (uint8_t)(n >> (24 - 8 * i));
-	if (send_all(conn->fd, c->req.data, c->req.len, deadline) || recv_all(conn->fd, head, 4, deadline))
-		return CKR_DEVICE_REMOVED;
+	if (send_all(conn->fd, c->req.data, c->req.len, deadline)) return CKR_DEVICE_REMOVED;
+	/* The reply cannot be there yet: wait once, then take the header and as much of the body
+	 * as has arrived in one read (one request is in flight per connection, so nothing else is). */
+	size_t have = 0;
+	while (have < sizeof(head)) {
+		if (wait_fd(conn->fd, POLLIN, deadline)) return CKR_DEVICE_REMOVED;
+		ssize_t k = recv(conn->fd, first + have, sizeof(first) - have, 0);
+		if (k > 0)
+			have += (size_t)k;
+		else if (!(k < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)))
+			return CKR_DEVICE_REMOVED; /* EOF or error */
+	}
+	memcpy(head, first, sizeof(head));
 	*len = (size_t)head[0] << 24 | (size_t)head[1] << 16 | (size_t)head[2] << 8 | head[3];
-	if (*len == 0 || *len > max_frame) return CKR_DEVICE_ERROR;
+	if (*len == 0 || *len > max_frame || have - sizeof(head) > *len) return CKR_DEVICE_ERROR;
 	if (!(c->reply = malloc(*len))) return CKR_HOST_MEMORY;
-	return recv_all(conn->fd, c->reply, *len, deadline) ? CKR_DEVICE_REMOVED : CKR_OK;
+	memcpy(c->reply, first + sizeof(head), have - sizeof(head));
+	size_t got = have - sizeof(head);
+	return recv_all(conn->fd, c->reply + got, *len - got, deadline) ? CKR_DEVICE_REMOVED : CKR_OK;
 }
 
 /* Checks [1, id, rv, result, message]; leaves c->res at the result. */

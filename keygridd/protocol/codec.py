@@ -228,21 +228,65 @@ _CHECKS: dict[str, Callable[[object, str], Any]] = {
 }
 
 
+def _check_template_arg(value: object, name: str, max_attributes: int) -> Template:
+    return decode_template(value, max_attributes=max_attributes)
+
+
+def _check_types_arg(value: object, name: str, max_attributes: int) -> tuple[int, ...]:
+    types = _check_types(value, name)
+    if len(types) > max_attributes:
+        raise ArgumentsBad(f"{name}: {len(types)} attributes, the limit is {max_attributes}")
+    return types
+
+
+_ULONG, _BYTES, _OTHER = 0, 1, 2
+Plan = tuple[tuple[str, int, Callable[[object, str, int], Any]], ...]
+_plans: dict[str, Plan] = {}
+
+
+def _ignoring_limit(simple: Callable[[object, str], Any]) -> Callable[[object, str, int], Any]:
+    def check(value: object, name: str, max_attributes: int) -> Any:
+        return simple(value, name)
+
+    return check
+
+
+def _plan(call: Call) -> Plan:
+    """How to check each argument of ``call`` (built once per call)."""
+    steps = []
+    for arg in call.args:
+        if arg.type == "template":
+            check: Callable[[object, str, int], Any] = _check_template_arg
+        elif arg.type == "types":
+            check = _check_types_arg
+        else:
+            check = _ignoring_limit(_CHECKS[arg.type])
+        kind = _ULONG if arg.type == "ulong" else _BYTES if arg.type == "bytes" else _OTHER
+        steps.append((arg.name, kind, check))
+    plan = tuple(steps)
+    _plans[call.name] = plan
+    return plan
+
+
 def decode_args(call: Call, raw: object, max_attributes: int) -> list[Any]:
     """Check and convert a request's arguments; raises a PKCS11Error naming the argument."""
-    if not isinstance(raw, list) or len(raw) != len(call.args):
+    if type(raw) is not list or len(raw) != len(call.args):
         raise ArgumentsBad(f"{call.name}: expected {len(call.args)} arguments")
+    plan = _plans.get(call.name) or _plan(call)
     out: list[Any] = []
-    for arg, value in zip(call.args, raw, strict=True):
-        if arg.type == "template":
-            out.append(decode_template(value, max_attributes=max_attributes))
-        elif arg.type == "types":
-            types = _check_types(value, arg.name)
-            if len(types) > max_attributes:
-                raise ArgumentsBad(f"{arg.name}: {len(types)} attributes, the limit is {max_attributes}")
-            out.append(types)
-        else:
-            out.append(_CHECKS[arg.type](value, arg.name))
+    for (name, kind, check), value in zip(plan, raw, strict=True):
+        # The two commonest types are checked inline: this runs for every request.
+        if kind == _ULONG:
+            if type(value) is int and 0 <= value <= ULONG_MAX:
+                out.append(value)
+                continue
+            raise ArgumentsBad(f"{name}: expected an unsigned integer")
+        if kind == _BYTES:
+            if type(value) is bytes:
+                out.append(value)
+                continue
+            raise ArgumentsBad(f"{name}: expected binary")
+        out.append(check(value, name, max_attributes))
     return out
 
 

@@ -30,6 +30,7 @@ from keygridd.server.dispatch import Dispatcher, Pending
 log = logging.getLogger("keygridd.connection")
 
 MAX_IN_FLIGHT = 64
+MAX_UNYIELDED = 16
 EOF = object()  # next_message's answer when the peer closed the connection between frames
 
 
@@ -92,6 +93,7 @@ class Connection:
         self.tails: dict[Any, trio.Event] = {}
         self.app: Application | None = None
         self.read_scope = trio.CancelScope()
+        self.unyielded = 0
 
     async def send(self, message: list[Any]) -> None:
         body = codec.pack(message)
@@ -214,6 +216,12 @@ class Connection:
                 key = ("session", args[0])
             elif call.lock is Lock.APP:
                 key = ("app",)
+            self.unyielded += 1
+            if self.unyielded >= MAX_UNYIELDED:
+                # Requests that never had to wait for the socket do not pass through the scheduler:
+                # let other connections run now and then.
+                self.unyielded = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
             previous = self.tails.get(key) if key is not None else None
             if previous is None:
                 # Fast path: nothing of this session in flight, so run it now, on the loop.

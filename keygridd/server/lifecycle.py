@@ -10,9 +10,11 @@ finish for up to ``shutdown_grace_seconds``, then close everything.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,7 @@ from keygridd.providers.base import Provider
 from keygridd.server.connection import Applications, Connection
 from keygridd.server.dispatch import Dispatcher
 from keygridd.server.listener import notify, open_socket, peer_of
+from keygridd.server.rawstream import RawStream
 
 log = logging.getLogger("keygridd")
 
@@ -84,13 +87,22 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
     )
     apps = Applications(dispatcher)
     sock, activated = open_socket(server.socket, server.socket_mode, server.socket_group)
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    sock.setblocking(False)
     connections: set[Connection] = set()
     accepting = trio.CancelScope()
+    listening = True
 
-    async def handle(stream: trio.SocketStream) -> None:
+    def close_listener() -> None:
+        nonlocal listening
+        if listening:
+            listening = False
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def handle(client: socket.socket) -> None:
+        stream = RawStream(client)
         try:
-            peer = peer_of(stream.socket)
+            peer = peer_of(client)
         except OSError:
             await stream.aclose()
             return
@@ -115,7 +127,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
             async for signum in signals:
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 accepting.cancel()
-                await listener.aclose()  # new clients are refused at once, not left in the backlog
+                close_listener()  # new clients are refused at once, not left in the backlog
                 for conn in list(connections):
                     conn.read_scope.cancel()
                 with trio.move_on_after(server.shutdown_grace_seconds):
@@ -127,9 +139,22 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
     try:
         async with trio.open_nursery() as nursery:
 
-            async def accept(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            async def accept(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status.started()
                 with accepting:
-                    await trio.serve_listeners(handle, [listener], handler_nursery=nursery, task_status=task_status)
+                    while True:
+                        await trio.lowlevel.wait_readable(sock)
+                        try:
+                            client, _ = sock.accept()
+                        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                            continue
+                        except OSError as exc:
+                            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                                raise
+                            log.error("cannot accept connections: %s", exc)
+                            await trio.sleep(0.1)  # out of descriptors: retry, do not spin
+                            continue
+                        nursery.start_soon(handle, client)
 
             nursery.start_soon(stop_on_signal, nursery)
             await nursery.start(accept)
@@ -138,7 +163,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
             log.info("serving on %s%s", server.socket, " (socket activation)" if activated else "")
     finally:
         notify("STOPPING=1")
-        await listener.aclose()
+        close_listener()
         if not activated:
             with contextlib.suppress(OSError):
                 os.unlink(server.socket)

@@ -17,8 +17,6 @@ import socket
 import stat
 import struct
 
-import trio
-
 from keygridd.core.model import Peer
 
 SD_LISTEN_FDS_START = 3
@@ -100,7 +98,7 @@ def supplementary_groups(pid: int) -> frozenset[int]:
     return frozenset()
 
 
-def peer_of(sock: trio.socket.SocketType) -> Peer:
+def peer_of(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return Peer(uid=uid, gid=gid, pid=pid, groups=supplementary_groups(pid))
