@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from keygridd.core.model import Application, Obj, Peer, Session, Slot
+from keygridd.core.offload import Offload, Work
 from keygridd.mechanisms import LoadedKey, load_key
 from keygridd.pkcs11 import CKU
 from keygridd.pkcs11.errors import (
     ObjectHandleInvalid,
+    PinIncorrect,
     SessionHandleInvalid,
     SlotIdInvalid,
     TokenNotPresent,
     UserNotLoggedIn,
 )
+
+THROTTLE_FIRST = 0.1  # seconds before the PIN check that follows one wrong PIN; doubles each time
+THROTTLE_MAX = 5.0
 
 
 class CoreState:
@@ -22,6 +28,7 @@ class CoreState:
     def __init__(self, slots: Iterable[Slot]) -> None:
         self.slots: dict[int, Slot] = {slot.slot_id: slot for slot in slots}
         self.apps: dict[bytes, Application] = {}
+        self.pin_failures: dict[tuple[int, int], int] = {}  # (slot, peer uid) -> wrong PINs in a row
         for slot in self.slots.values():
             slot.load_objects()
 
@@ -78,9 +85,10 @@ class CoreState:
     def key(self, session: Session, obj: Obj) -> LoadedKey:
         return obj.loaded(load_key)
 
-    def objects_of(self, session: Session) -> Iterable[Obj]:
+    def objects_of(self, session: Session, template: Iterable[tuple[int, Any]] = ()) -> Iterable[Obj]:
+        """The token and session objects of the session's slot that may match ``template``."""
         slot = self.slots[session.slot_id]
-        yield from slot.objects.values()
+        yield from slot.candidates(template)
         yield from (o for o in session.app.session_objects.values() if o.slot_id == session.slot_id)
 
     def require_user(self, session: Session) -> None:
@@ -102,9 +110,38 @@ class CoreState:
             # Last session of the application on this token: it is logged out (v2.40 Base 5.6).
             self._logout(app, session.slot_id)
 
+    def check_pin_throttled(self, app: Application, slot_id: int, user_type: int, pin: bytes) -> Work[None]:
+        """Check a PIN after a delay that doubles with each wrong PIN this peer gave the token."""
+        key = (slot_id, app.peer.uid)
+        failures = self.pin_failures.get(key, 0)
+        store = self.slots[slot_id].store
+        delay = min(THROTTLE_FIRST * 2 ** (failures - 1), THROTTLE_MAX) if failures else 0.0
+        try:
+            yield Offload(lambda: store.check_pin(user_type, pin), True, delay)
+        except PinIncorrect:
+            self.pin_failures[key] = failures + 1
+            raise
+        self.pin_failures.pop(key, None)
+
+    def relock_if_idle(self, slot_id: int) -> None:
+        """Lock the token again when no application is logged in to it (after a one-call login)."""
+        if not any(slot_id in app.login for app in self.apps.values()):
+            slot = self.slots[slot_id]
+            slot.store.lock()
+            slot.load_objects()
+
+    def after_login(self, slot_id: int) -> None:
+        """A PIN was right: take the objects the store can read now (private ones, once unlocked)."""
+        self.slots[slot_id].load_objects()
+
     def _logout(self, app: Application, slot_id: int) -> None:
         if app.login.pop(slot_id, None) is None:
             return
+        if not any(slot_id in other.login for other in self.apps.values()):
+            # Nobody is logged in to the token any more: the store forgets what the login unlocked.
+            slot = self.slots[slot_id]
+            slot.store.lock()
+            slot.load_objects()
         # Handles to private objects become invalid; private session objects are destroyed (Base 5.6).
         app.forget_where(lambda o: o.slot_id == slot_id and o.private)
         for oid, obj in list(app.session_objects.items()):

@@ -70,8 +70,8 @@ class ConvenienceFunctions(CryptoFunctions):
         transient.session_objects = app.session_objects
         login = app.login.get(slot.slot_id)
         if login is None and pin is not None:
-            store = slot.store
-            yield Offload(lambda: store.check_pin(CKU.USER, pin), True)
+            yield from self.check_pin_throttled(app, slot.slot_id, CKU.USER, pin)
+            self.after_login(slot.slot_id)
             login = CKU.USER
         if login is not None:
             transient.login[slot.slot_id] = login
@@ -109,42 +109,65 @@ class ConvenienceFunctions(CryptoFunctions):
             OpKind.ENCRYPT: CKA.ENCRYPT,
             OpKind.DECRYPT: CKA.DECRYPT,
         }
-        key = self._uri_key(session, uri, classes, usage[kind])
-        return self.init_operation(session, kind, mechanism, key)
+        try:
+            key = self._uri_key(session, uri, classes, usage[kind])
+            return self.init_operation(session, kind, mechanism, key)
+        except BaseException:
+            self.relock_if_idle(session.slot_id)
+            raise
+
+    def _finish(self, op: Any) -> None:
+        if op is not None and op.key is not None:
+            self.relock_if_idle(op.key.slot_id)
 
     def KG_Sign(self, app: Application, uri: str, mechanism: Mechanism, data: bytes, pin: bytes | None) -> Work[bytes]:
         op = yield from self._uri_op(app, uri, OpKind.SIGN, mechanism, pin)
-        signature: bytes = yield Offload(lambda: op.context.sign(data), op.thread)
+        try:
+            signature: bytes = yield Offload(lambda: op.context.sign(data), op.thread)
+        finally:
+            self._finish(op)
         return signature
 
     def KG_Verify(
         self, app: Application, uri: str, mechanism: Mechanism, data: bytes, signature: bytes, pin: bytes | None
     ) -> Work[None]:
         op = yield from self._uri_op(app, uri, OpKind.VERIFY, mechanism, pin)
-        yield Offload(lambda: op.context.verify(data, signature), op.thread)
+        try:
+            yield Offload(lambda: op.context.verify(data, signature), op.thread)
+        finally:
+            self._finish(op)
 
     def KG_Encrypt(
         self, app: Application, uri: str, mechanism: Mechanism, data: bytes, pin: bytes | None
     ) -> Work[bytes]:
         op = yield from self._uri_op(app, uri, OpKind.ENCRYPT, mechanism, pin)
-        out: bytes = yield Offload(lambda: op.context.one_shot(data), op.thread)
+        try:
+            out: bytes = yield Offload(lambda: op.context.one_shot(data), op.thread)
+        finally:
+            self._finish(op)
         return out
 
     def KG_Decrypt(
         self, app: Application, uri: str, mechanism: Mechanism, data: bytes, pin: bytes | None
     ) -> Work[bytes]:
         op = yield from self._uri_op(app, uri, OpKind.DECRYPT, mechanism, pin)
-        out: bytes = yield Offload(lambda: op.context.one_shot(data), op.thread)
+        try:
+            out: bytes = yield Offload(lambda: op.context.one_shot(data), op.thread)
+        finally:
+            self._finish(op)
         return out
 
     def KG_GetPublicKey(self, app: Application, uri_text: str, pin: bytes | None) -> Work[bytes]:
         uri = _parse(uri_text)
         session = yield from self._uri_session(app, uri, pin)
         try:
-            key = self._uri_key(session, uri, (CKO.PUBLIC_KEY,), None)
-        except KeyHandleInvalid:
-            key = self._uri_key(session, uri, (CKO.PRIVATE_KEY,), None)
-        return mechanisms.public_key_info(key.attrs)
+            try:
+                key = self._uri_key(session, uri, (CKO.PUBLIC_KEY,), None)
+            except KeyHandleInvalid:
+                key = self._uri_key(session, uri, (CKO.PRIVATE_KEY,), None)
+            return mechanisms.public_key_info(key.attrs)
+        finally:
+            self.relock_if_idle(session.slot_id)
 
 
 @functools.lru_cache(maxsize=512)

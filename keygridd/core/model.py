@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -162,9 +162,14 @@ class Application:
             self.forget(obj)
 
 
+# Attributes C_FindObjects looks up by index instead of scanning (the ones applications search by).
+INDEXED = (CKA.CLASS, CKA.LABEL, CKA.ID, CKA.KEY_TYPE)
+IndexKey = tuple[int, Any]
+
+
 @dataclass
 class Slot:
-    """A configured slot and its token."""
+    """A configured slot and its token: the token objects that can be read now, indexed."""
 
     slot_id: int
     description: str
@@ -174,9 +179,80 @@ class Slot:
     allows: Callable[[Peer], bool]
     objects: dict[bytes, Obj] = field(default_factory=dict)
     ready: bool = True
+    index: dict[IndexKey, set[bytes]] = field(default_factory=dict)
 
     def load_objects(self) -> None:
-        self.objects = {oid: Obj(oid, dict(attrs), self.slot_id, None) for oid, attrs in self.store.objects().items()}
+        """Take the store's readable objects: new ones are added, changed ones replaced, gone ones dropped."""
+        readable = self.store.objects()
+        for oid in [oid for oid in self.objects if oid not in readable]:
+            self.remove(self.objects[oid])
+        for oid, attrs in readable.items():
+            current = self.objects.get(oid)
+            if current is None:
+                self.add(Obj(oid, dict(attrs), self.slot_id, None))
+            elif current.attrs != attrs:
+                self.update(current, dict(attrs))
+
+    def reload(self, oid: bytes) -> None:
+        """Another writer changed this object (a shared store): take its current state."""
+        attrs = self.store.load_object(oid)
+        current = self.objects.get(oid)
+        if attrs is None:
+            if current is not None:
+                self.remove(current)
+        elif current is None:
+            self.add(Obj(oid, dict(attrs), self.slot_id, None))
+        elif current.attrs != attrs:
+            self.update(current, dict(attrs))
+
+    def add(self, obj: Obj) -> None:
+        self.objects[obj.oid] = obj
+        for attr in INDEXED:
+            if attr in obj.attrs:
+                self.index.setdefault((attr, obj.attrs[attr]), set()).add(obj.oid)
+
+    def remove(self, obj: Obj) -> None:
+        self.objects.pop(obj.oid, None)
+        obj.destroyed = True
+        self._unindex(obj)
+
+    def update(self, obj: Obj, attrs: dict[int, Any]) -> None:
+        self._unindex(obj)
+        obj.replace(attrs)
+        for attr in INDEXED:
+            if attr in attrs:
+                self.index.setdefault((attr, attrs[attr]), set()).add(obj.oid)
+
+    def clear(self) -> None:
+        for obj in self.objects.values():
+            obj.destroyed = True
+        self.objects.clear()
+        self.index.clear()
+
+    def _unindex(self, obj: Obj) -> None:
+        for attr in INDEXED:
+            if attr in obj.attrs:
+                key = (attr, obj.attrs[attr])
+                oids = self.index.get(key)
+                if oids is not None:
+                    oids.discard(obj.oid)
+                    if not oids:
+                        del self.index[key]
+
+    def candidates(self, template: Iterable[tuple[int, Any]]) -> Iterable[Obj]:
+        """The objects that may match ``template``: an index lookup when it names an indexed attribute."""
+        best: set[bytes] | None = None
+        for attr, value in template:
+            if attr in INDEXED:
+                try:
+                    oids = self.index.get((attr, value), set())
+                except TypeError:  # an unhashable value cannot be in the index
+                    return []
+                if best is None or len(oids) < len(best):
+                    best = oids
+        if best is None:
+            return list(self.objects.values())
+        return [self.objects[oid] for oid in best if oid in self.objects]
 
 
 SESSION_KEY_TYPES = {CKK.EC, CKK.RSA}

@@ -51,7 +51,7 @@ class ObjectFunctions(CoreState):
         if attrs.get(CKA.TOKEN) is True:
             obj = Obj(oid, attrs, slot.slot_id, None)
             yield Offload(lambda: slot.store.put_object(oid, attrs), slot.store.blocking)
-            slot.objects[oid] = obj
+            slot.add(obj)
         else:
             obj = Obj(oid, attrs, slot.slot_id, session)
             session.app.session_objects[oid] = obj
@@ -86,7 +86,7 @@ class ObjectFunctions(CoreState):
         slot = self.slots[obj.slot_id]
         if obj.is_token:
             yield Offload(lambda: slot.store.delete_object(obj.oid), slot.store.blocking)
-            slot.objects.pop(obj.oid, None)
+            slot.remove(obj)
         else:
             app.session_objects.pop(obj.oid, None)
         obj.destroyed = True
@@ -127,7 +127,9 @@ class ObjectFunctions(CoreState):
         if obj.is_token:
             slot = self.slots[obj.slot_id]
             yield Offload(lambda: slot.store.put_object(obj.oid, attrs), slot.store.blocking)
-        obj.replace(attrs)
+            slot.update(obj, attrs)
+        else:
+            obj.replace(attrs)
 
     # --- search ---------------------------------------------------------------------------------
 
@@ -135,7 +137,11 @@ class ObjectFunctions(CoreState):
         session = self.session(app, handle)
         if OpKind.FIND in session.ops:
             raise OperationActive("a search is active")
-        found = [o for o in self.objects_of(session) if self.visible(session, o) and objects.matches(o.attrs, template)]
+        found = [
+            o
+            for o in self.objects_of(session, template)
+            if self.visible(session, o) and objects.matches(o.attrs, template)
+        ]
         handles = [app.handle_for(o) for o in found]
         handles.reverse()  # popped from the end: oldest first
         session.ops[OpKind.FIND] = Operation(OpKind.FIND, handles, 0)

@@ -9,6 +9,7 @@ for callers without threads; the server drives it with trio worker threads.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ T = TypeVar("T")
 class Offload:
     fn: Callable[[], Any]
     thread: bool  # True: run in a worker thread; False: cheap enough to run inline
+    delay: float = 0.0  # seconds to wait first, without blocking anyone else (PIN throttling)
 
 
 Work = Generator[Offload, Any, T]
@@ -34,6 +36,8 @@ def run_inline(result: Any) -> Any:
         request = next(gen)
         while True:
             try:
+                if request.delay:
+                    time.sleep(request.delay)
                 value = request.fn()
             except BaseException as exc:
                 request = gen.throw(exc)

@@ -140,9 +140,8 @@ class SessionFunctions(CoreState):
             raise SessionExists("close every session of the token first")
         self._check_pin_length(slot_id, so_pin)
         yield Offload(lambda: slot.store.init_token(so_pin, label.ljust(32, b" ")), True)
-        for obj in slot.objects.values():
-            obj.destroyed = True
-        slot.objects.clear()
+        slot.clear()
+        slot.load_objects()
 
     def C_InitPIN(self, app: Application, handle: int, pin: bytes) -> Work[None]:
         session = self.session(app, handle)
@@ -210,7 +209,7 @@ class SessionFunctions(CoreState):
                 raise OperationNotInitialized("no operation waits for context-specific login")
             if current != CKU.USER:
                 raise UserNotLoggedIn()
-            yield Offload(lambda: store.check_pin(CKU.USER, pin), True)
+            yield from self.check_pin_throttled(app, slot_id, CKU.USER, pin)
             for op in ops:
                 op.needs_context_login = False
             return
@@ -224,10 +223,11 @@ class SessionFunctions(CoreState):
             raise SessionReadOnlyExists("close the read-only sessions before the SO logs in")
         if user_type == CKU.USER and not store.user_pin_initialized:
             raise UserPinNotInitialized()
-        yield Offload(lambda: store.check_pin(user_type, pin), True)
+        yield from self.check_pin_throttled(app, slot_id, user_type, pin)
         if app.login.get(slot_id) is not None:  # another call of this application won the race
             raise UserAlreadyLoggedIn()
         app.login[slot_id] = user_type
+        self.after_login(slot_id)
 
     def C_Logout(self, app: Application, handle: int) -> None:
         session = self.session(app, handle)

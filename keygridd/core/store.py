@@ -10,7 +10,7 @@ token. Methods may block (file or database I/O) only if ``blocking`` is true.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from keygridd.pkcs11.attributes import AttrValue
@@ -60,7 +60,11 @@ class TokenStore(abc.ABC):
 
     @abc.abstractmethod
     def check_pin(self, user_type: int, pin: bytes) -> None:
-        """Raise PinIncorrect / PinLocked / UserPinNotInitialized, or return when the PIN is right."""
+        """Raise PinIncorrect / PinLocked / UserPinNotInitialized, or return when the PIN is right.
+
+        A right PIN of the user or SO may unlock the token's private objects (``objects()``
+        then returns them too) until ``lock()``.
+        """
 
     @abc.abstractmethod
     def init_pin(self, pin: bytes) -> None: ...
@@ -77,6 +81,21 @@ class TokenStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_object(self, oid: bytes) -> None: ...
+
+    @property
+    def unlocked(self) -> bool:
+        """Can private objects be read now (a user or SO logged in, or an unattended token)?"""
+        return True
+
+    def lock(self) -> None:  # noqa: B027 - optional hook
+        """No application is logged in to the token any more: forget what a login unlocked."""
+
+    def load_object(self, oid: bytes) -> Attributes | None:
+        """One object's current attributes (re-read after a change notification), or None."""
+        return self.objects().get(oid)
+
+    def watch(self, callback: Callable[[bytes], None]) -> None:  # noqa: B027 - optional hook
+        """Call ``callback(oid)`` (from any thread) when another writer changes an object."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files or connections."""

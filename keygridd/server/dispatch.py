@@ -108,7 +108,7 @@ class Dispatcher:
                 request = gen.send(resume.value)
             else:
                 request = next(gen)
-            while not request.thread:
+            while not request.thread and not request.delay:
                 try:
                     value = request.fn()
                 except Exception as exc:
@@ -139,7 +139,12 @@ class Dispatcher:
                 gen, request = outcome.gen, outcome.request
                 assert gen is not None and request is not None
                 try:
-                    value = await trio.to_thread.run_sync(request.fn, limiter=self.limiter)
+                    if request.delay:
+                        await trio.sleep(request.delay)
+                    if request.thread:
+                        value = await trio.to_thread.run_sync(request.fn, limiter=self.limiter)
+                    else:
+                        value = request.fn()
                 except Exception as exc:
                     outcome = self._advance(outcome.app, outcome.call, gen, None, exc)
                 else:

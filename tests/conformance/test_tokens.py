@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,4 +93,26 @@ def test_pin_lockout_and_so_reset(daemon_factory: Any) -> None:
         p11.C_InitPIN(s, b"new-pin-1")
         p11.C_Logout(s)
         p11.C_Login(s, CKU.USER, b"new-pin-1")
+    running.stop()
+
+
+def test_wrong_pins_are_throttled_per_peer(daemon_factory: Any) -> None:
+    running = daemon_factory(CONFIG, name="throttle")
+    with Client(running.socket) as p11:
+        p11.C_InitToken(3, b"so-secret", b"Throttle")
+        s = p11.C_OpenSession(3, RW)
+        p11.C_Login(s, CKU.SO, b"so-secret")
+        p11.C_InitPIN(s, b"good-pin")
+        p11.C_Logout(s)
+        durations = []
+        for _ in range(4):
+            start = time.monotonic()
+            with ckr(CKR.PIN_INCORRECT):
+                p11.C_Login(s, CKU.USER, b"bad-pin")
+            durations.append(time.monotonic() - start)
+        # The delay before each check doubles: 0, 0.1, 0.2, 0.4 s (plus the KDF itself).
+        assert durations[3] >= 0.4 and durations[2] >= 0.2 and durations[1] >= 0.1
+        start = time.monotonic()
+        p11.C_Login(s, CKU.USER, b"good-pin")  # the right PIN still works, after the delay
+        assert time.monotonic() - start >= 0.8
     running.stop()
