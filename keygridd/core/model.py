@@ -193,9 +193,8 @@ class Slot:
             elif current.attrs != attrs:
                 self.update(current, dict(attrs))
 
-    def reload(self, oid: bytes) -> None:
-        """Another writer changed this object (a shared store): take its current state."""
-        attrs = self.store.load_object(oid)
+    def apply(self, oid: bytes, attrs: dict[int, Any] | None) -> None:
+        """Another writer changed this object (a shared store): take its state as re-read (None: gone)."""
         current = self.objects.get(oid)
         if attrs is None:
             if current is not None:

@@ -25,6 +25,7 @@ from keygridd.pkcs11.errors import FunctionNotSupported, PKCS11Error, error_for
 from keygridd.protocol import codec
 from keygridd.protocol.calls import BY_NAME, Call
 from keygridd.providers.base import Effect, Provider
+from keygridd.storage.base import StoreUnavailable, VersionConflict
 
 log = logging.getLogger("keygridd.dispatch")
 
@@ -163,5 +164,10 @@ class Dispatcher:
         """The one place an exception becomes a CK_RV."""
         if isinstance(exc, PKCS11Error):
             return exc.rv, exc.result, exc.message or None
+        if isinstance(exc, VersionConflict):
+            return CKR.FUNCTION_FAILED, None, "the object was changed by another writer: read it again"
+        if isinstance(exc, StoreUnavailable):
+            log.warning("%s: storage unavailable: %s", call.name, exc)
+            return CKR.DEVICE_ERROR, None, "the token's storage is unavailable"
         log.error("internal error in %s", call.name, exc_info=exc)
         return CKR.GENERAL_ERROR, None, "internal error (logged by keygridd)"

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +157,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
                         nursery.start_soon(handle, client)
 
             nursery.start_soon(stop_on_signal, nursery)
+            watch_stores(daemon.core, nursery)
             await nursery.start(accept)
             notify("READY=1")
             task_status.started(server.socket)
@@ -167,6 +168,30 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
         if not activated:
             with contextlib.suppress(OSError):
                 os.unlink(server.socket)
+
+
+def watch_stores(core: Core, nursery: trio.Nursery) -> None:
+    """Apply changes other daemons make to shared stores: the store calls back from its own thread."""
+    token = trio.lowlevel.current_trio_token()
+    limiter = trio.CapacityLimiter(1)
+
+    for slot in core.slots.values():
+
+        async def reload(oid: bytes, slot: Slot = slot) -> None:
+            try:
+                attrs = await trio.to_thread.run_sync(slot.store.load_object, oid, limiter=limiter)
+            except Exception:
+                log.exception("slot %d: cannot re-read a changed object", slot.slot_id)
+                return
+            slot.apply(oid, None if attrs is None else dict(attrs))
+
+        def changed(oid: bytes, reload: Callable[[bytes], Awaitable[None]] = reload) -> None:
+            try:
+                token.run_sync_soon(nursery.start_soon, reload, oid)
+            except trio.RunFinishedError:
+                pass  # the daemon is stopping
+
+        slot.store.watch(changed)
 
 
 def anonymous_peer() -> Peer:
