@@ -1,4 +1,4 @@
-"""``keygrid token init``: initialise a token and set its user PIN.
+"""``keygrid token init``: initialise a token and set its user PIN (``export``/``import``: ``tokenio.py``).
 
 The SO PIN comes from --so-pin-file, KEYGRID_SO_PIN or a prompt; the user PIN
 from --pin-file, KEYGRID_PIN or a prompt. Both prompts ask twice.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from keygridd.cli import tokenio
 from keygridd.cli.hints import UsageError
 from keygridd.cli.objects import open_session
 from keygridd.pkcs11 import CKU
@@ -26,6 +27,7 @@ def register(commands: Any) -> None:
     init.add_argument("--so-pin-file", metavar="FILE", help="file holding the SO PIN (else KEYGRID_SO_PIN or a prompt)")
     init.add_argument("--pin-file", metavar="FILE", help="file holding the user PIN (else KEYGRID_PIN or a prompt)")
     init.set_defaults(handler=init_token)
+    tokenio.register(actions)
 
 
 def init_token(ctx: Context) -> int:

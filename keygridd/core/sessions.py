@@ -141,7 +141,7 @@ class SessionFunctions(CoreState):
         self._check_pin_length(slot_id, so_pin)
         yield Offload(lambda: slot.store.init_token(so_pin, label.ljust(32, b" ")), True)
         slot.clear()
-        slot.load_objects()
+        self.relock_if_idle(slot_id)  # the new master key is not kept: nobody is logged in
 
     def C_InitPIN(self, app: Application, handle: int, pin: bytes) -> Work[None]:
         session = self.session(app, handle)

@@ -52,6 +52,7 @@ class Daemon:
                 store.init_token(init.so_pin.encode(), init.label.encode().ljust(32, b" "))
                 if init.user_pin is not None:
                     store.init_pin(init.user_pin.encode())
+                store.lock()  # keys unlocked to initialise are not kept
             access = slot_settings.access
             providers[slot_settings.id] = provider
             slots.append(
