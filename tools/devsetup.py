@@ -3,7 +3,7 @@
 Usage: ``python tools/devsetup.py VARDIR``
 
 Writes ``VARDIR/keygrid.yaml`` if it is missing: the socket in ``VARDIR/run``,
-one in-memory slot persisted to ``VARDIR/tokens.msgpack`` with a token ``dev``
+one software-token slot on the embedded LMDB store ``VARDIR/tokens.lmdb`` with a token ``dev``
 and PINs drawn at random for this checkout. The file holds the PINs, so it is
 created with mode 0600 (and ``VARDIR`` with 0700). An existing file is never
 rewritten: delete ``VARDIR`` to start over with new PINs and an empty token.
@@ -38,8 +38,9 @@ def build_config(var_dir: Path) -> dict[str, Any]:
         "server": {"socket": str(var_dir / "run" / "keygrid.sock")},
         "slots": [
             {
-                "provider": "memory",
-                "options": {"persist": str(var_dir / "tokens.msgpack")},
+                "provider": "software",
+                "description": "KeyGrid software token (LMDB)",
+                "options": {"backend": "lmdb", "path": str(var_dir / "tokens.lmdb")},
                 "token": {
                     "label": TOKEN_LABEL,
                     "so_pin": random_digits(12),

@@ -27,7 +27,7 @@ def devsetup_config(tmp_path: Path) -> Path:
     return tmp_path / "var" / "keygrid.yaml"
 
 
-def test_writes_a_private_config_with_one_memory_slot(tmp_path: Path) -> None:
+def test_writes_a_private_config_with_one_software_slot(tmp_path: Path) -> None:
     var_dir = tmp_path / "var"
     devsetup(var_dir)
     config_path = var_dir / "keygrid.yaml"
@@ -36,8 +36,8 @@ def test_writes_a_private_config_with_one_memory_slot(tmp_path: Path) -> None:
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     assert config["server"] == {"socket": str(var_dir / "run" / "keygrid.sock")}
     (slot,) = config["slots"]
-    assert slot["provider"] == "memory"
-    assert slot["options"] == {"persist": str(var_dir / "tokens.msgpack")}
+    assert slot["provider"] == "software"
+    assert slot["options"] == {"backend": "lmdb", "path": str(var_dir / "tokens.lmdb")}
     token = slot["token"]
     assert token["label"] == "dev"
     assert isinstance(token["so_pin"], str) and len(token["so_pin"]) == 12 and token["so_pin"].isdigit()
@@ -48,7 +48,7 @@ def test_config_is_valid_for_keygridd(tmp_path: Path) -> None:
     settings = load_config(devsetup_config(tmp_path))
     assert settings.server.socket == str(tmp_path / "var" / "run" / "keygrid.sock")
     assert [(slot.id, slot.provider, slot.token and slot.token.label) for slot in settings.slots] == [
-        (0, "memory", "dev")
+        (0, "software", "dev")
     ]
 
 
