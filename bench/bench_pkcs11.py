@@ -137,13 +137,13 @@ def p11_kit_server(directory: Path, softhsm_env: dict[str, str], label: str) -> 
 
 
 @contextlib.contextmanager
-def keygridd(directory: Path, pin: str) -> Iterator[dict[str, str]]:
+def keygridd(directory: Path, pin: str, provider: str = "memory") -> Iterator[dict[str, str]]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_rpc import keygridd_server  # one memory slot, token "bench", as the RPC benchmark runs it
+    from bench_rpc import keygridd_server  # one slot, token "bench", as the RPC benchmark runs it
 
     kg_dir = directory / "keygridd"
     kg_dir.mkdir()
-    with keygridd_server(kg_dir, pin) as sock:
+    with keygridd_server(kg_dir, pin, provider) as sock:
         yield {**base_env(), "KEYGRID_SOCKET": sock, "KEYGRID_PKCS11_CONF": str(kg_dir / "absent.conf")}
 
 
@@ -238,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell (default 2)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4], help="thread counts (default 1 4)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="operations (default all)")
+    parser.add_argument(
+        "--provider",
+        choices=["memory", "software"],
+        default="memory",
+        help="KeyGrid slot behind c: the memory provider (default) or the software token on LMDB",
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or any(n < 1 for n in args.threads):
         parser.error("--seconds and --threads must be positive")
@@ -257,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         loadgen = build_loadgen(directory)
         shim = build_shim()
         softhsm_env = softhsm_token(directory, "bench", pin)
-        with p11_kit_server(directory, softhsm_env, "bench") as p11_kit_env, keygridd(directory, pin) as kg_env:
+        with (
+            p11_kit_server(directory, softhsm_env, "bench") as p11_kit_env,
+            keygridd(directory, pin, args.provider) as kg_env,
+        ):
             targets = [
                 Target("a", str(SOFTHSM), softhsm_env, "bench", pin),
                 Target("b", str(P11_KIT_CLIENT), p11_kit_env, "bench", pin),
@@ -269,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
                         results[target.name, op, n] = cell
 
     print(f"PKCS#11 benchmark: {args.seconds:g} s per cell, {os.cpu_count()} CPUs")
-    print("a = SoftHSM2 direct, b = SoftHSM2 via p11-kit server/client, c = KeyGrid shim -> keygridd (memory slot)")
+    print(
+        "a = SoftHSM2 direct, b = SoftHSM2 via p11-kit server/client, "
+        f"c = KeyGrid shim -> keygridd ({args.provider} slot)"
+    )
     print()
     print_table(results, args.ops, args.threads)
     print()

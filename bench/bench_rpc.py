@@ -297,20 +297,20 @@ def keygridd_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def keygridd_server(directory: Path, user_pin: str) -> Iterator[str]:
+def keygridd_server(directory: Path, user_pin: str, provider: str = "memory") -> Iterator[str]:
+    """A keygridd with one slot whose token "bench" is initialised: the memory provider, or the
+    software token on LMDB (``provider="software"``)."""
     import yaml
 
     path = str(directory / "keygrid.sock")
-    config = {
-        "server": {"socket": path},
-        "slots": [
-            {
-                "id": SLOT_ID,
-                "provider": "memory",
-                "token": {"label": "bench", "so_pin": random_digits(12), "user_pin": user_pin},
-            }
-        ],
+    slot: dict[str, Any] = {
+        "id": SLOT_ID,
+        "provider": provider,
+        "token": {"label": "bench", "so_pin": random_digits(12), "user_pin": user_pin},
     }
+    if provider == "software":
+        slot["options"] = {"backend": "lmdb", "path": str(directory / "tokens.lmdb")}
+    config = {"server": {"socket": path}, "slots": [slot]}
     config_path = directory / "keygrid.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     config_path.chmod(0o600)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import gc
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -184,6 +185,7 @@ class Slot:
     def load_objects(self) -> None:
         """Take the store's readable objects: new ones are added, changed ones replaced, gone ones dropped."""
         readable = self.store.objects()
+        before = len(self.objects)
         for oid in [oid for oid in self.objects if oid not in readable]:
             self.remove(self.objects[oid])
         for oid, attrs in readable.items():
@@ -192,6 +194,10 @@ class Slot:
                 self.add(Obj(oid, dict(attrs), self.slot_id, None))
             elif current.attrs != attrs:
                 self.update(current, dict(attrs))
+        if len(self.objects) - before > 1000:
+            # Long-lived objects: keep the collector from walking them again on every full collection,
+            # which would make every call slower as the token grows.
+            gc.freeze()
 
     def apply(self, oid: bytes, attrs: dict[int, Any] | None) -> None:
         """Another writer changed this object (a shared store): take its state as re-read (None: gone)."""
