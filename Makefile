@@ -32,7 +32,7 @@ help:
 	@echo "make lint       ruff, mypy --strict, clang-format, shellcheck, systemd-analyze verify"
 	@echo "make test       deps + venv + lint, then every test except the slow ones"
 	@echo "make test-slow  the tests marked slow"
-	@echo "make bench      RPC and PKCS#11 benchmarks (BENCH_ARGS='--seconds 5')"
+	@echo "make bench      RPC, PKCS#11 and software-token benchmarks (BENCH_ARGS='--seconds 5')"
 	@echo "make fuzz       fuzz the shim's reply decoder for FUZZ_SECONDS (default 600)"
 	@echo "make clean      remove .venv, build output and caches (keeps var/, the dev token)"
 
@@ -93,6 +93,7 @@ test-slow: deps venv
 bench: venv shim
 	$(VENV)/bin/python bench/bench_rpc.py $(BENCH_ARGS)
 	$(VENV)/bin/python bench/bench_pkcs11.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/bench_store.py $(BENCH_ARGS)
 
 fuzz:
 	$(MAKE) -C $(SHIM) fuzz
