@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 from keygridd import __version__
-from keygridd.cli import crypto, keys, random, shim, slots, status, token
+from keygridd.cli import crypto, db, keys, random, shim, slots, status, token
 from keygridd.cli.contract import Client
 from keygridd.cli.hints import EXIT_FAILURE, EXIT_USAGE, CliError, ckr_name, hint_for
 from keygridd.cli.output import Output
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
-    for module in (status, slots, token, keys, crypto, random, shim):
+    for module in (status, slots, token, keys, crypto, random, shim, db):
         module.register(commands)
     return parser
 

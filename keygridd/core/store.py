@@ -94,6 +94,10 @@ class TokenStore(abc.ABC):
         """One object's current attributes (re-read after a change notification), or None."""
         return self.objects().get(oid)
 
+    def current(self, oid: bytes) -> Attributes | None:
+        """The newest state of one object this store knows of, without I/O (None: gone or unreadable)."""
+        return self.objects().get(oid)
+
     def watch(self, callback: Callable[[bytes], None]) -> None:  # noqa: B027 - optional hook
         """Call ``callback(oid)`` (from any thread) when another writer changes an object."""
 

@@ -655,10 +655,17 @@ class SoftwareStore(TokenStore):
         with self._lock:
             seen = self._entries.get(oid)
             if seen is not None and record.version < seen.version:
-                log.error("token %s: object record %s went back in version: ignored", self.namespace, key.hex())
-                return None
+                # A re-read that raced with a newer write (or a record that went back): keep the newer state.
+                if record.version < seen.version - 1 or seen.attrs is None:
+                    log.error("token %s: object record %s went back in version: ignored", self.namespace, key.hex())
+                return None if seen.attrs is None else dict(seen.attrs)
             self._entries[oid] = entry
         return None if entry.attrs is None else dict(entry.attrs)
+
+    def current(self, oid: bytes) -> Attributes | None:
+        with self._lock:
+            entry = self._entries.get(oid)
+            return None if entry is None or entry.attrs is None else dict(entry.attrs)
 
     def put_object(self, oid: bytes, attrs: Attributes) -> None:
         key = self._record_key(oid)

@@ -180,10 +180,13 @@ def watch_stores(core: Core, nursery: trio.Nursery) -> None:
 
         async def reload(oid: bytes, slot: Slot = slot) -> None:
             try:
-                attrs = await trio.to_thread.run_sync(slot.store.load_object, oid, limiter=limiter)
+                await trio.to_thread.run_sync(slot.store.load_object, oid, limiter=limiter)
             except Exception:
                 log.exception("slot %d: cannot re-read a changed object", slot.slot_id)
                 return
+            # Take the newest state the store knows *now*: a local write may have finished while the
+            # re-read ran, and its result must not be replaced by the older state read.
+            attrs = slot.store.current(oid)
             slot.apply(oid, None if attrs is None else dict(attrs))
 
         def changed(oid: bytes, reload: Callable[[bytes], Awaitable[None]] = reload) -> None:

@@ -174,7 +174,9 @@ def test_rollback_seen_by_a_running_store_is_rejected(token: SoftwareStore, raw:
     assert current is not None
     raw.delete(NS, key, current.version)
     raw.restore(NS, key, old.version, old.value)  # a valid old record, at its old version
-    assert token.load_object(b"A" * 16) is None
+    kept = token.load_object(b"A" * 16)  # the old record is not adopted: the newest state stays
+    assert kept is not None and kept[CKA.LABEL] == b"renamed"
+    assert token.current(b"A" * 16) == kept
 
 
 def test_other_tokens_record_is_rejected(token: SoftwareStore, raw: MemoryStore) -> None:
