@@ -23,6 +23,8 @@ from keygridd.client import Client
 from keygridd.pkcs11 import CKU
 from keygridd.pkcs11._constants import CKF_RW_SESSION, CKF_SERIAL_SESSION
 from keygridd.pkcs11.errorbase import PKCS11Error
+from tests.conftest import RESTRICTED_UID, SO_PIN, USER_PIN
+from tests.integration.pg import postgres  # noqa: F401 - the session's PostgreSQL server, for the software token
 from tests.shim.door import ShimDoor
 
 RW = CKF_SERIAL_SESSION | CKF_RW_SESSION
@@ -38,6 +40,57 @@ def _shim_door(path: str) -> Any:
 
 
 DOORS: dict[str, Callable[[str], Any]] = {"client": lambda path: Client(path), "shim": _shim_door}
+
+# Every provider whose slots the suite runs against: the memory mock and the software token on each backend.
+PROVIDERS = ("memory", "software-lmdb", "software-filesystem", "software-postgresql")
+
+
+def software_config(backend: str, location: str) -> str:
+    where = f"dsn: '{location}'" if backend == "postgresql" else f"path: '{location}'"
+    # A cheap KDF: the suite logs in hundreds of times (the default Argon2id cost is for real tokens).
+    options = f"{{backend: {backend}, {where}, kdf: scrypt, scrypt: {{log2_n: 12}}, namespace: conformance-%d}}"
+    pins = f'so_pin: "{SO_PIN.decode()}", user_pin: "{USER_PIN.decode()}"'
+    return f"""
+server:
+  socket: {{socket}}
+  shutdown_grace_seconds: 5
+slots:
+  - id: 0
+    description: conformance slot
+    provider: software
+    token: {{label: conformance, {pins}}}
+    options: {options % 0}
+  - id: 1
+    description: blank slot
+    provider: software
+    options: {options % 1}
+  - id: 7
+    description: restricted slot
+    provider: software
+    access: {{uids: [{RESTRICTED_UID}]}}
+    token: {{label: hidden, {pins}}}
+    options: {options % 7}
+"""
+
+
+@pytest.fixture(scope="session", params=PROVIDERS)
+def daemon(request: pytest.FixtureRequest, daemon_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The suite's daemon, once per provider: slot 0 initialised, slot 1 blank, slot 7 for uid 4242 only."""
+    provider = request.param
+    if provider == "memory":
+        return daemon_factory(name="conformance-memory")
+    backend = provider.split("-", 1)[1]
+    if backend == "postgresql":
+        import psycopg
+
+        from keygridd.storage import migrations
+
+        location = request.getfixturevalue("postgres").database("conformance")
+        with psycopg.connect(location, autocommit=True) as conn:
+            migrations.migrate(conn)
+    else:
+        location = str(tmp_path_factory.mktemp(provider) / "store")
+    return daemon_factory(software_config(backend, location), name=f"conformance-{backend}")
 
 
 @pytest.fixture(params=sorted(DOORS))
