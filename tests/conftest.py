@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# The session's PostgreSQL server (fixtures ``postgres`` and ``pg_dsn``), for the software token's tests.
+pytest_plugins = ["tests.integration.pg"]
+
 SO_PIN = b"so-pin-1234"
 USER_PIN = b"user-pin-5678"
 RESTRICTED_UID = 4242

@@ -24,7 +24,6 @@ from keygridd.pkcs11 import CKU
 from keygridd.pkcs11._constants import CKF_RW_SESSION, CKF_SERIAL_SESSION
 from keygridd.pkcs11.errorbase import PKCS11Error
 from tests.conftest import RESTRICTED_UID, SO_PIN, USER_PIN
-from tests.integration.pg import postgres  # noqa: F401 - the session's PostgreSQL server, for the software token
 from tests.shim.door import ShimDoor
 
 RW = CKF_SERIAL_SESSION | CKF_RW_SESSION

@@ -1,6 +1,6 @@
 """A real PostgreSQL for tests: a throw-away cluster in a temporary directory, on a Unix socket only.
 
-Test modules load this as a plugin (``pytest_plugins = ["tests.integration.pg"]``)
+The root conftest loads this as a plugin (``pytest_plugins = ["tests.integration.pg"]``),
 so the session-scoped ``postgres`` fixture is one server for the whole run.
 ``postgres.database()`` makes a fresh database per test and returns its DSN.
 

@@ -25,7 +25,6 @@ from tests.conformance.conftest import RW
 if TYPE_CHECKING:
     from tests.integration.pg import PostgresServer
 
-pytest_plugins = ["tests.integration.pg"]  # the session's PostgreSQL server (fixtures postgres, pg_dsn)
 
 SO_PIN = b"so-Harbor-5521"
 USER_PIN = b"user-Lantern-8830"

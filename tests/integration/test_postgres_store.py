@@ -26,7 +26,6 @@ from keygridd.storage.registry import close_stores, open_store
 if TYPE_CHECKING:
     from tests.integration.pg import PostgresServer
 
-pytest_plugins = ["tests.integration.pg"]  # the session's PostgreSQL server (fixtures postgres, pg_dsn)
 
 NS = "token/7d1c0e52-6a8e-4c1b-9f00-2b7f3c1d9e44"
 

@@ -19,7 +19,6 @@ SO_PIN = b"so-Quartz-7741"
 USER_PIN = b"user-Walnut-2209"
 AES_KEY = bytes.fromhex("c0ffee00deadbeef0123456789abcdeffedcba9876543210a5a5a5a55a5a5a5a")
 P256 = bytes.fromhex("06082a8648ce3d030107")
-pytest_plugins = ["tests.integration.pg"]
 
 FAST_KDF = "argon2id: {memory_cost: 4096, iterations: 1, lanes: 1}"
 
