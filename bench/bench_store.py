@@ -1,6 +1,7 @@
 """Software token benchmark: how its cost grows with the number of objects, per backend.
 
-For each backend (lmdb, filesystem; postgresql with ``--dsn``) one run prints:
+For each backend (lmdb, filesystem, postgresql: a throw-away server in a
+temporary directory, as the tests start it, or ``--dsn``) one run prints:
 C_Login time with the default Argon2id cost; token objects created per second
 through keygridd (durable writes); C_FindObjects by label per second with
 1,000 and with 100,000 objects in the token, and the ratio (the index keeps
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,20 +184,43 @@ def measure(backend: str, location: str, directory: Path, total: int, seconds: f
     return out
 
 
+@contextlib.contextmanager
+def postgresql(dsn: str | None) -> Iterator[str]:
+    """``dsn``, or a migrated database on a temporary server (the tests' helper; fsync off)."""
+    import psycopg
+
+    from keygridd.storage import migrations
+
+    if dsn:
+        yield dsn
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.integration.pg import start_server
+
+    server = start_server()
+    try:
+        database = server.database("bench")
+        with psycopg.connect(database, autocommit=True) as conn:
+            migrations.migrate(conn)
+        yield database
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=100_000, help="objects in the large token (default 100000)")
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure (default 2)")
-    parser.add_argument("--dsn", help="also measure the postgresql backend on this (empty) database")
+    parser.add_argument("--dsn", help="measure the postgresql backend on this (empty) database, not a temporary server")
     parser.add_argument("--no-pkcs11", action="store_true", help="skip the PKCS#11 comparison with SoftHSM2")
     args = parser.parse_args(argv)
-    backends = ["lmdb", "filesystem"] + (["postgresql"] if args.dsn else [])
     rows: list[tuple[str, dict[str, float]]] = []
-    with tempfile.TemporaryDirectory(prefix="keygrid-bench-store-") as tmp:
-        for backend in backends:
+    with tempfile.TemporaryDirectory(prefix="keygrid-bench-store-") as tmp, postgresql(args.dsn) as dsn:
+        for backend in ("lmdb", "filesystem", "postgresql"):
             directory = Path(tmp) / backend
             directory.mkdir()
-            location = args.dsn if backend == "postgresql" else str(directory / "store")
+            location = dsn if backend == "postgresql" else str(directory / "store")
             rows.append((backend, measure(backend, location, directory, args.objects, args.seconds)))
     print(f"Software token benchmark: {args.seconds:g} s per figure, {os.cpu_count()} CPUs, {args.objects:,} objects")
     print()
