@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from keygridd.cli.hints import CliError, UsageError
-from keygridd.config import ConfigError, build, load_config
+from keygridd.cli.tokenio import software_slot
 
 if TYPE_CHECKING:
     from keygridd.cli.app import Context
@@ -32,25 +32,10 @@ def register(commands: Any) -> None:
 
 def slot_dsn(config: str, slot_id: int) -> str:
     """The ``dsn`` option of software slot ``slot_id`` on backend postgresql in the configuration ``config``."""
-    from keygridd.providers.software import SoftwareOptions
-
-    try:
-        settings = load_config(config)
-    except ConfigError as exc:
-        raise UsageError(f"configuration error: {exc}") from None
-    for i, slot in enumerate(settings.slots):
-        if slot.id != slot_id:
-            continue
-        if slot.provider != "software":
-            raise UsageError(f"slot {slot_id} is served by provider {slot.provider!r}, not 'software'")
-        try:
-            options = build(SoftwareOptions, slot.options, f"slots[{i}].options")
-        except ConfigError as exc:
-            raise UsageError(f"configuration error: {exc.with_source(config)}") from None
-        if options.backend != "postgresql" or not options.dsn:
-            raise UsageError(f"slot {slot_id} stores its token on backend {options.backend!r}, not 'postgresql'")
-        return options.dsn
-    raise UsageError(f"{config}: no slot {slot_id}")
+    options = software_slot(config, slot_id)
+    if options.backend != "postgresql" or not options.dsn:
+        raise UsageError(f"slot {slot_id} stores its token on backend {options.backend!r}, not 'postgresql'")
+    return options.dsn
 
 
 def migrate_schema(ctx: Context) -> int:

@@ -13,6 +13,7 @@ import os
 from typing import Literal
 
 from keygridd.cli.hints import CliError, UsageError
+from keygridd.mechanisms.rsa import HASHED_PSS
 from keygridd.pkcs11 import CKG, CKK, CKM
 from keygridd.pkcs11.params import CtrParams, GcmParams, Mechanism, OaepParams, PssParams
 
@@ -44,18 +45,7 @@ _HASHES: dict[int, tuple[int, int]] = {
 }
 
 # PSS mechanism -> its hash (CKM_RSA_PKCS_PSS signs a digest made elsewhere: SHA-256 assumed)
-_PSS_HASH: dict[int, int] = {
-    CKM.RSA_PKCS_PSS: CKM.SHA256,
-    CKM.SHA1_RSA_PKCS_PSS: CKM.SHA_1,
-    CKM.SHA224_RSA_PKCS_PSS: CKM.SHA224,
-    CKM.SHA256_RSA_PKCS_PSS: CKM.SHA256,
-    CKM.SHA384_RSA_PKCS_PSS: CKM.SHA384,
-    CKM.SHA512_RSA_PKCS_PSS: CKM.SHA512,
-    CKM.SHA3_224_RSA_PKCS_PSS: CKM.SHA3_224,
-    CKM.SHA3_256_RSA_PKCS_PSS: CKM.SHA3_256,
-    CKM.SHA3_384_RSA_PKCS_PSS: CKM.SHA3_384,
-    CKM.SHA3_512_RSA_PKCS_PSS: CKM.SHA3_512,
-}
+_PSS_HASH: dict[int, int] = {CKM.RSA_PKCS_PSS: CKM.SHA256, **HASHED_PSS}
 
 # mechanism -> length of the IV (or counter block) written in front of the ciphertext
 IV_LENGTHS: dict[int, int] = {CKM.AES_GCM: 12, CKM.AES_CBC: 16, CKM.AES_CBC_PAD: 16, CKM.AES_CTR: 16}

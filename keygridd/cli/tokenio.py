@@ -30,6 +30,7 @@ from keygridd.storage.base import RawStore, StoreError
 
 if TYPE_CHECKING:
     from keygridd.cli.app import Context
+    from keygridd.providers.software import SoftwareOptions
 
 META_KEY = b"meta"  # keygridd.providers.software.META_KEY, not imported: the CLI starts without the token code
 
@@ -51,9 +52,9 @@ def register(actions: Any) -> None:
     imp.set_defaults(handler=import_token)
 
 
-def slot_store(config: str, slot_id: int) -> tuple[RawStore, str]:
-    """The raw store and namespace of software slot ``slot_id`` in the configuration ``config``."""
-    from keygridd.providers.software import SoftwareOptions, default_namespace, open_raw_store
+def software_slot(config: str, slot_id: int) -> SoftwareOptions:
+    """The options of software slot ``slot_id`` in the configuration ``config`` (UsageError naming the problem)."""
+    from keygridd.providers.software import SoftwareOptions
 
     try:
         settings = load_config(config)
@@ -65,15 +66,22 @@ def slot_store(config: str, slot_id: int) -> tuple[RawStore, str]:
         if slot.provider != "software":
             raise UsageError(f"slot {slot_id} is served by provider {slot.provider!r}, not 'software'")
         try:
-            options = build(SoftwareOptions, slot.options, f"slots[{i}].options")
+            return build(SoftwareOptions, slot.options, f"slots[{i}].options")
         except ConfigError as exc:
             raise UsageError(f"configuration error: {exc.with_source(config)}") from None
-        try:
-            raw = open_raw_store(options)
-        except StoreError as exc:
-            raise CliError(f"cannot open the store of slot {slot_id}: {exc}") from None
-        return raw, options.namespace or default_namespace(slot_id)
     raise UsageError(f"{config}: no slot {slot_id}")
+
+
+def slot_store(config: str, slot_id: int) -> tuple[RawStore, str]:
+    """The raw store and namespace of software slot ``slot_id`` in the configuration ``config``."""
+    from keygridd.providers.software import default_namespace, open_raw_store
+
+    options = software_slot(config, slot_id)
+    try:
+        raw = open_raw_store(options)
+    except StoreError as exc:
+        raise CliError(f"cannot open the store of slot {slot_id}: {exc}") from None
+    return raw, options.namespace or default_namespace(slot_id)
 
 
 def close_stores() -> None:
