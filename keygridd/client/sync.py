@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -59,6 +59,34 @@ class Client:
         msgid, frame = self._proto.request(method, args)
         rv, (result, _message) = self._roundtrip(method, msgid, frame)
         return rv, result
+
+    def pipeline(self, *calls: tuple[str, Sequence[Any]]) -> list[Any]:
+        """Send several calls in one write and read their replies: one round trip.
+
+        The daemon answers calls on one session in the order sent. Every call is
+        sent, so a later call may fail because an earlier one did (a C_Sign after
+        a failed C_SignInit answers CKR_OPERATION_NOT_INITIALIZED); the exception
+        raised is the first failure's, in call order.
+        """
+        requests = [(method, *self._proto.request(method, args)) for method, args in calls]
+        with self._lock:
+            self._sock.sendall(b"".join(frame for _, _, frame in requests))
+            replies: dict[int, tuple[int, Any, str | None]] = {}
+            while len(replies) < len(requests):
+                reply = self._proto.next_reply()
+                if reply is None:
+                    data = self._sock.recv(65536)
+                    if not data:
+                        raise ProtocolError("the daemon closed the connection")
+                    self._proto.feed(data)
+                    continue
+                replies[reply[0]] = reply[1:]
+        results = []
+        for method, msgid, _ in requests:
+            if msgid not in replies:
+                raise ProtocolError(f"no reply to request {msgid}")
+            results.append(result_of(method, *replies[msgid]))
+        return results
 
     def call(self, method: str, *args: Any) -> Any:
         msgid, frame = self._proto.request(method, args)

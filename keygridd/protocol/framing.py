@@ -48,6 +48,14 @@ class FrameReader:
         del buffer[:end]
         return body
 
+    def has_frame(self) -> bool:
+        """Is a complete frame (or a framing error) waiting to be taken?"""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return False
+        length: int = HEADER.unpack_from(buffer)[0]
+        return len(buffer) >= 4 + length or length == 0 or length > self.max_frame
+
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a frame."""

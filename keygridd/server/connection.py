@@ -94,13 +94,25 @@ class Connection:
         self.app: Application | None = None
         self.read_scope = trio.CancelScope()
         self.unyielded = 0
+        self.outbox: list[bytes] = []
 
-    async def send(self, message: list[Any]) -> None:
+    def encode(self, message: list[Any]) -> bytes:
         body = codec.pack(message)
         if len(body) > self.max_frame:
             rv = CKR.DEVICE_MEMORY
             body = codec.pack([message[0], message[1], rv, None, f"reply of {len(body)} bytes exceeds the frame limit"])
-        frame = encode_frame(body, self.max_frame)
+        return encode_frame(body, self.max_frame)
+
+    async def send(self, message: list[Any]) -> None:
+        await self.write(self.encode(message))
+
+    async def flush(self) -> None:
+        """Send the replies held back while pipelined requests were being answered."""
+        if self.outbox:
+            data, self.outbox = b"".join(self.outbox), []
+            await self.write(data)
+
+    async def write(self, frame: bytes) -> None:
         try:
             self.send_lock.acquire_nowait()
         except trio.WouldBlock:
@@ -120,6 +132,7 @@ class Connection:
                 except ValueError as exc:
                     raise ProtocolViolation(str(exc)) from None
             try:
+                await self.flush()  # nothing more to read at once: what was answered goes out now
                 data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""  # the peer reset the connection: as good as closed
@@ -195,6 +208,12 @@ class Connection:
                         return
                     if not self.read_scope.cancelled_caught:
                         nursery.cancel_scope.cancel()  # peer gone: abandon its in-flight calls
+                if self.outbox:  # stopped reading (shutdown) with answers held back: they still go out
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await self.flush()
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
         finally:
             self.apps.leave(app)
 
@@ -209,7 +228,7 @@ class Connection:
             try:
                 call, args = self.dispatcher.prepare(app, method, raw_args)
             except PKCS11Error as exc:
-                await self.send([codec.RESPONSE, msgid, exc.rv, None, exc.message or None])
+                await self.answer([codec.RESPONSE, msgid, exc.rv, None, exc.message or None])
                 continue
             key: Any = None
             if call.lock is Lock.SESSION:
@@ -227,7 +246,8 @@ class Connection:
                 # Fast path: nothing of this session in flight, so run it now, on the loop.
                 outcome = self.dispatcher.start(app, call, args)
                 if not isinstance(outcome, Pending):
-                    await self.reply(msgid, outcome)
+                    rv, result, text = outcome
+                    await self.answer([codec.RESPONSE, msgid, int(rv), result, text])
                     continue
                 started: Pending | None = outcome
             else:
@@ -237,6 +257,16 @@ class Connection:
             if key is not None:
                 self.tails[key] = done
             nursery.start_soon(self.run_request, app, msgid, call, args, started, previous, done, key)
+
+    async def answer(self, message: list[Any]) -> None:
+        """Reply from the reading loop: held back while the client has pipelined more requests,
+        so that one write answers them all, and sent in the order the requests came."""
+        self.outbox.append(self.encode(message))
+        if not self.reader.has_frame():
+            try:
+                await self.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def reply(self, msgid: int, outcome: tuple[int, Any, str | None]) -> None:
         rv, result, message = outcome
@@ -273,6 +303,7 @@ class Connection:
     async def fatal(self, message: str) -> None:
         log.warning("closing connection of pid %d: %s", self.peer.pid, message)
         try:
-            await self.send([codec.FATAL, 0, CKR.ARGUMENTS_BAD, message])
+            self.outbox.append(self.encode([codec.FATAL, 0, CKR.ARGUMENTS_BAD, message]))
+            await self.flush()  # answers to the requests before the bad one, then the error
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

@@ -78,3 +78,24 @@ def test_length_query_after_a_short_buffer_keeps_the_operation(daemon: Any) -> N
         assert c.call_raw("C_Digest", s, b"data", -1) == (CKR.OK, [None, 32])
         rv, (digest, length) = c.call_raw("C_Digest", s, b"data", 32)
         assert rv == CKR.OK and length == 32 and digest == hashlib.sha256(b"data").digest()
+
+
+def test_pipelined_calls_are_answered_in_order_with_one_write(daemon: Any) -> None:
+    """C_SignInit and C_Sign sent together: one round trip, the same answers as two."""
+    with Client(daemon.socket) as c:
+        s = open_user(c, daemon)
+        pub, priv = c.C_GenerateKeyPair(s, Mechanism(CKM.EC_KEY_PAIR_GEN), {CKA.EC_PARAMS: P256}, {})
+        mech = Mechanism(CKM.ECDSA_SHA256)
+        for _ in range(3):
+            none, signature = c.pipeline(("C_SignInit", [s, mech, priv]), ("C_Sign", [s, b"data", None]))
+            assert none is None and len(signature) == 64
+            c.C_VerifyInit(s, mech, pub)
+            c.C_Verify(s, b"data", signature)
+        # A failing first call is the one reported; the second still ran (and failed for its reason).
+        try:
+            c.pipeline(("C_SignInit", [s, mech, 999_999]), ("C_Sign", [s, b"data", None]))
+        except Exception as exc:
+            assert getattr(exc, "rv", None) == CKR.KEY_HANDLE_INVALID
+        else:
+            raise AssertionError("the pipeline should have failed")
+        assert c.call_raw("C_Sign", s, b"data", None)[0] == CKR.OPERATION_NOT_INITIALIZED

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "bench_rpc.py"
-OPS = ("ping", "ecdsa-p256-sign", "rsa2048-sha256-sign", "aes256-gcm-encrypt-1k")
+OPS = ("ping", "ecdsa-p256-sign", "ecdsa-p256-pipelined", "rsa2048-sha256-sign", "aes256-gcm-encrypt-1k")
 
 pytestmark = pytest.mark.slow
 
