@@ -49,6 +49,7 @@ log = logging.getLogger("keygridd.storage.postgres")
 
 SCAN_CHUNK = 1000
 CONNECT_TIMEOUT = 5  # seconds, unless the DSN says otherwise
+STATEMENT_TIMEOUT_MS = 30_000  # one statement; records are small, so anything longer is a stuck server
 POOL_WAIT = 30.0  # seconds a call waits for a free connection
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
@@ -72,6 +73,13 @@ class PostgresStore(RawStore):
         except psycopg.Error:
             raise StoreUnavailable("postgresql store: the dsn is not a valid connection string") from None
         params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        # A server that accepts but stops answering must not hold a worker thread for ever: statements
+        # give up after STATEMENT_TIMEOUT_MS, dead TCP peers are noticed by keepalives.
+        params.setdefault("options", f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
+        params.setdefault("keepalives", 1)
+        params.setdefault("keepalives_idle", 30)
+        params.setdefault("keepalives_interval", 10)
+        params.setdefault("keepalives_count", 3)
         params.setdefault("application_name", "keygridd")
         self._conninfo = conninfo.make_conninfo("", **params)
         self.name = redact_dsn(dsn)

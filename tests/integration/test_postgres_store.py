@@ -439,3 +439,13 @@ def _get_or_none(store: PostgresStore) -> Record | None:
         return store.get(NS, b"k")
     except StoreUnavailable:
         return None
+
+
+def test_connections_bound_the_time_of_a_statement(store: PostgresStore) -> None:
+    conn = store._connect()
+    try:
+        (timeout,) = conn.execute("SHOW statement_timeout").fetchone() or ("",)
+        assert timeout == f"{postgres_backend.STATEMENT_TIMEOUT_MS // 1000}s"
+        assert conn.info.get_parameters().get("application_name") == "keygridd"
+    finally:
+        conn.close()
