@@ -128,11 +128,11 @@ class CoreState:
         if not any(slot_id in app.login for app in self.apps.values()):
             slot = self.slots[slot_id]
             slot.store.lock()
-            slot.load_objects()
+            slot.refresh()
 
     def after_login(self, slot_id: int) -> None:
         """A PIN was right: take the objects the store can read now (private ones, once unlocked)."""
-        self.slots[slot_id].load_objects()
+        self.slots[slot_id].refresh()
 
     def _logout(self, app: Application, slot_id: int) -> None:
         if app.login.pop(slot_id, None) is None:
@@ -141,7 +141,7 @@ class CoreState:
             # Nobody is logged in to the token any more: the store forgets what the login unlocked.
             slot = self.slots[slot_id]
             slot.store.lock()
-            slot.load_objects()
+            slot.refresh()
         # Handles to private objects become invalid; private session objects are destroyed (Base 5.6).
         app.forget_where(lambda o: o.slot_id == slot_id and o.private)
         for oid, obj in list(app.session_objects.items()):

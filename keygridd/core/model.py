@@ -181,9 +181,16 @@ class Slot:
     objects: dict[bytes, Obj] = field(default_factory=dict)
     ready: bool = True
     index: dict[IndexKey, set[bytes]] = field(default_factory=dict)
+    loaded_unlocked: bool = False  # was the store unlocked when the objects were last loaded?
+
+    def refresh(self) -> None:
+        """Reload after a login or a lock, only if that changed what the store can read (O(objects))."""
+        if self.store.unlocked != self.loaded_unlocked:
+            self.load_objects()
 
     def load_objects(self) -> None:
         """Take the store's readable objects: new ones are added, changed ones replaced, gone ones dropped."""
+        self.loaded_unlocked = self.store.unlocked
         readable = self.store.objects()
         before = len(self.objects)
         for oid in [oid for oid in self.objects if oid not in readable]:

@@ -141,7 +141,8 @@ class SessionFunctions(CoreState):
         self._check_pin_length(slot_id, so_pin)
         yield Offload(lambda: slot.store.init_token(so_pin, label.ljust(32, b" ")), True)
         slot.clear()
-        self.relock_if_idle(slot_id)  # the new master key is not kept: nobody is logged in
+        slot.store.lock()  # the new master key is not kept: nobody is logged in (no session exists)
+        slot.load_objects()
 
     def C_InitPIN(self, app: Application, handle: int, pin: bytes) -> Work[None]:
         session = self.session(app, handle)

@@ -68,16 +68,16 @@ class RawStore(abc.ABC):
     def scan(self, namespace: str) -> Iterator[tuple[bytes, Record]]:
         """Every record of the namespace, in key order."""
 
+    @abc.abstractmethod
     def restore(self, namespace: str, key: bytes, version: int, value: bytes) -> None:
         """Write a record with a given ``version`` (>= 1) if it is absent (token import).
 
         Raises ``VersionConflict`` if the record exists. Durable when it returns.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def namespaces(self) -> list[str]:
         """Every namespace holding at least one record (for export and maintenance)."""
-        raise NotImplementedError
 
     def subscribe(self, listener: Listener) -> None:  # noqa: B027 - optional: only shared stores notify
         """Call ``listener`` (from any thread) when another writer changes a record."""

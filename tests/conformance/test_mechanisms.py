@@ -338,8 +338,8 @@ def test_every_listed_mechanism_has_a_case(p11: Any) -> None:
 
 @pytest.mark.parametrize("mech", sorted(CASES), ids=_name)
 def test_mechanism_flags_are_honoured(kit: Kit, mech: int) -> None:
-    if mech not in kit.once("mechanisms", lambda: set(kit.p11.C_GetMechanismList(0))):
-        pytest.skip(f"{_name(mech)} is not offered by this token")
+    # Every token of the suite offers every built-in mechanism: a case for an unlisted one is stale.
+    assert mech in kit.once("mechanisms", lambda: set(kit.p11.C_GetMechanismList(0))), f"{_name(mech)} not offered"
     case = CASES[mech]
     flags = kit.p11.C_GetMechanismInfo(0, mech)["flags"]
     m = Mechanism(mech, case.param)
