@@ -93,6 +93,7 @@ test-slow: deps venv
 bench: venv shim
 	$(VENV)/bin/python bench/bench_rpc.py $(BENCH_ARGS)
 	$(VENV)/bin/python bench/bench_pkcs11.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/bench_pkcs11.py --provider pkcs11 --ops ecdsa-p256-sign rsa2048-sign random-32 $(BENCH_ARGS)
 	$(VENV)/bin/python bench/bench_store.py $(BENCH_ARGS)
 
 fuzz:

@@ -11,8 +11,11 @@ the start (EC P-256, RSA-2048, AES-256, and a data object to find by label):
   in-process ceiling;
 * b: the same SoftHSM2 token remoted by p11-kit (``p11-kit server`` on a Unix
   socket, ``p11-kit-client.so`` in the load generator): a C RPC baseline;
-* c: ``libkeygrid-pkcs11.so`` to a keygridd with one memory slot, started for
-  the run as in ``bench/bench_rpc.py``.
+* c: ``libkeygrid-pkcs11.so`` to a keygridd with one slot, started for the
+  run as in ``bench/bench_rpc.py``: the memory provider (default), the
+  software token on LMDB (``--provider software``), or the same SoftHSM2 token
+  behind the ``pkcs11`` provider (``--provider pkcs11``: shim, daemon, worker
+  process, SoftHSM2, one hop more than p11-kit's remoting).
 
 For each thread count, N threads each open their own session and repeat an
 operation for the given time; the table shows ops/s per module and the
@@ -44,6 +47,7 @@ SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
 P11_KIT_CLIENT = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
 OPS = ("ecdsa-p256-sign", "rsa2048-sign", "aes256-gcm-1k", "random-32", "find-label")
 TARGETS_NOTE = "targets: ECDSA c/b >= 1.2 (1 and 4 threads), ECDSA c/a >= 0.35 (1 thread), random and find c/b >= 1.0, AES-GCM(c) >= 0.5 x random(c)"
+PKCS11_TARGETS_NOTE = "targets (pkcs11 provider): ECDSA P-256 and RSA-2048 sign c/b >= 0.8 at 1 and 4 threads"
 START_TIMEOUT = 30.0
 
 Cell = float | str  # ops/s, or why there is no figure ("refused 0x70", "-")
@@ -137,13 +141,20 @@ def p11_kit_server(directory: Path, softhsm_env: dict[str, str], label: str) -> 
 
 
 @contextlib.contextmanager
-def keygridd(directory: Path, pin: str, provider: str = "memory") -> Iterator[dict[str, str]]:
+def keygridd(
+    directory: Path, pin: str, provider: str = "memory", softhsm_env: dict[str, str] | None = None
+) -> Iterator[dict[str, str]]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_rpc import keygridd_server  # one slot, token "bench", as the RPC benchmark runs it
 
     kg_dir = directory / "keygridd"
     kg_dir.mkdir()
-    with keygridd_server(kg_dir, pin, provider) as sock:
+    options = None
+    if provider == "pkcs11":
+        assert softhsm_env is not None
+        options = {"module": str(SOFTHSM), "token_label": "bench",
+                   "environment": {"SOFTHSM2_CONF": softhsm_env["SOFTHSM2_CONF"]}}  # fmt: skip
+    with keygridd_server(kg_dir, pin, provider, options) as sock:
         yield {**base_env(), "KEYGRID_SOCKET": sock, "KEYGRID_PKCS11_CONF": str(kg_dir / "absent.conf")}
 
 
@@ -233,6 +244,21 @@ def check_targets(results: dict[tuple[str, str, int], Cell], thread_counts: list
     return lines
 
 
+def check_pkcs11_targets(results: dict[tuple[str, str, int], Cell], thread_counts: list[int]) -> list[str]:
+    lines = []
+    for op in ("ecdsa-p256-sign", "rsa2048-sign"):
+        for n in thread_counts:
+            c, b = results.get(("c", op, n)), results.get(("b", op, n))
+            if not isinstance(c, float) or not isinstance(b, float) or not b:
+                lines.append(f"  {op} c/b at {n} thread(s): no figure")
+                continue
+            got = c / b
+            lines.append(
+                f"  {op} c/b at {n} thread(s) = {got:.2f} (target >= 0.8): {'met' if got >= 0.8 else 'MISSED'}"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell (default 2)")
@@ -240,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="operations (default all)")
     parser.add_argument(
         "--provider",
-        choices=["memory", "software"],
+        choices=["memory", "software", "pkcs11"],
         default="memory",
-        help="KeyGrid slot behind c: the memory provider (default) or the software token on LMDB",
+        help="KeyGrid slot behind c: the memory provider (default), the software token on LMDB, "
+        "or the SoftHSM2 token of a and b behind the pkcs11 provider",
     )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or any(n < 1 for n in args.threads):
@@ -265,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         softhsm_env = softhsm_token(directory, "bench", pin)
         with (
             p11_kit_server(directory, softhsm_env, "bench") as p11_kit_env,
-            keygridd(directory, pin, args.provider) as kg_env,
+            keygridd(directory, pin, args.provider, softhsm_env) as kg_env,
         ):
             targets = [
                 Target("a", str(SOFTHSM), softhsm_env, "bench", pin),
@@ -280,13 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PKCS#11 benchmark: {args.seconds:g} s per cell, {os.cpu_count()} CPUs")
     print(
         "a = SoftHSM2 direct, b = SoftHSM2 via p11-kit server/client, "
-        f"c = KeyGrid shim -> keygridd ({args.provider} slot)"
+        f"c = KeyGrid shim -> keygridd ({args.provider} slot{' -> worker -> SoftHSM2' if args.provider == 'pkcs11' else ''})"
     )
     print()
     print_table(results, args.ops, args.threads)
     print()
-    print(TARGETS_NOTE)
-    for line in check_targets(results, args.threads):
+    if args.provider == "pkcs11":
+        print(PKCS11_TARGETS_NOTE)
+        lines = check_pkcs11_targets(results, args.threads)
+    else:
+        print(TARGETS_NOTE)
+        lines = check_targets(results, args.threads)
+    for line in lines:
         print(line)
     return 0
 

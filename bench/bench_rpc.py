@@ -304,19 +304,22 @@ def keygridd_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def keygridd_server(directory: Path, user_pin: str, provider: str = "memory") -> Iterator[str]:
-    """A keygridd with one slot whose token "bench" is initialised: the memory provider, or the
-    software token on LMDB (``provider="software"``)."""
+def keygridd_server(
+    directory: Path, user_pin: str, provider: str = "memory", options: dict[str, Any] | None = None
+) -> Iterator[str]:
+    """A keygridd with one slot whose token "bench" is initialised: the memory provider, the
+    software token on LMDB (``provider="software"``), or a module's token (``provider="pkcs11"``
+    with its ``options``; that token exists already)."""
     import yaml
 
     path = str(directory / "keygrid.sock")
-    slot: dict[str, Any] = {
-        "id": SLOT_ID,
-        "provider": provider,
-        "token": {"label": "bench", "so_pin": random_digits(12), "user_pin": user_pin},
-    }
+    slot: dict[str, Any] = {"id": SLOT_ID, "provider": provider}
+    if provider != "pkcs11":
+        slot["token"] = {"label": "bench", "so_pin": random_digits(12), "user_pin": user_pin}
     if provider == "software":
         slot["options"] = {"backend": "lmdb", "path": str(directory / "tokens.lmdb")}
+    if options is not None:
+        slot["options"] = options
     config = {"server": {"socket": path}, "slots": [slot]}
     config_path = directory / "keygrid.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")

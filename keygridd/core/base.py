@@ -7,16 +7,37 @@ from typing import Any
 
 from keygridd.core.model import Application, Obj, Peer, Session, Slot
 from keygridd.core.offload import Offload, Work
+from keygridd.core.remote import RemoteToken
 from keygridd.mechanisms import LoadedKey, load_key
-from keygridd.pkcs11 import CKU
+from keygridd.pkcs11 import CKU, SessionFlag
 from keygridd.pkcs11.errors import (
     ObjectHandleInvalid,
     PinIncorrect,
     SessionHandleInvalid,
     SlotIdInvalid,
     TokenNotPresent,
+    UserAlreadyLoggedIn,
+    UserAnotherAlreadyLoggedIn,
     UserNotLoggedIn,
+    UserTypeInvalid,
 )
+
+
+def check_login_request(current: int | None, user_type: int) -> None:
+    """C_Login's checks of the user type against the application's login (v2.40 Base 5.6)."""
+    if user_type not in (CKU.USER, CKU.SO):
+        raise UserTypeInvalid(f"user type {user_type}")
+    if current == user_type:
+        raise UserAlreadyLoggedIn()
+    if current is not None:
+        raise UserAnotherAlreadyLoggedIn()
+
+
+def session_info(session: Session) -> dict[str, Any]:
+    """CK_SESSION_INFO of a session, from the application's own login."""
+    flags = SessionFlag.SERIAL_SESSION | (SessionFlag.RW_SESSION if session.rw else 0)
+    return {"slot_id": session.slot_id, "state": session.state(), "flags": int(flags), "device_error": 0}
+
 
 THROTTLE_FIRST = 0.1  # seconds before the PIN check that follows one wrong PIN; doubles each time
 THROTTLE_MAX = 5.0
@@ -25,10 +46,14 @@ THROTTLE_MAX = 5.0
 class CoreState:
     """Slots and applications, plus the checks every function starts with."""
 
-    def __init__(self, slots: Iterable[Slot]) -> None:
+    def __init__(self, slots: Iterable[Slot], remote: Iterable[RemoteToken] = ()) -> None:
         self.slots: dict[int, Slot] = {slot.slot_id: slot for slot in slots}
+        self.remote: dict[int, RemoteToken] = {token.slot_id: token for token in remote}
         self.apps: dict[bytes, Application] = {}
         self.pin_failures: dict[tuple[int, int], int] = {}  # (slot, peer uid) -> wrong PINs in a row
+        from keygridd.core.passthrough import Passthrough
+
+        self.passthrough = Passthrough(self, self.remote)
         for slot in self.slots.values():
             slot.load_objects()
 
@@ -41,6 +66,7 @@ class CoreState:
 
     def close_application(self, app: Application) -> None:
         """The application went away: its sessions, session objects and logins go with it."""
+        self.passthrough.dropped(app)
         for session in list(app.sessions.values()):
             self._drop_session(session)
         app.login.clear()

@@ -30,7 +30,7 @@ class ConvenienceFunctions(CryptoFunctions):
         return None
 
     def KG_Status(self, app: Application) -> dict[str, Any]:
-        slots = []
+        slots: list[dict[str, Any]] = []
         for slot in sorted(self.slots.values(), key=lambda s: s.slot_id):
             if not slot.allows(app.peer):
                 continue
@@ -46,6 +46,20 @@ class ConvenienceFunctions(CryptoFunctions):
                     "ready": slot.ready,
                 }
             )
+        for token in self.remote.values():
+            if token.allows(app.peer):
+                slots.append(
+                    {
+                        "slot_id": token.slot_id,
+                        "description": token.description,
+                        "provider": token.provider,
+                        "token_present": token.ready,
+                        "token_label": token.label or "",
+                        "initialized": True,
+                        "ready": token.ready,
+                    }
+                )
+        slots.sort(key=lambda s: int(s["slot_id"]))
         return {"version": keygridd.__version__, "uptime": time.monotonic() - self.started, "slots": slots}
 
     def _uri_session(self, app: Application, uri: Pkcs11Uri, pin: bytes | None) -> Work[Session]:

@@ -108,6 +108,7 @@ class Session:
     app: Application
     rw: bool
     ops: dict[OpKind, Operation] = field(default_factory=dict)
+    remote: Any = None  # a passthrough slot's session: its module session (core/remote.py)
 
     def state(self) -> int:
         login = self.app.login.get(self.slot_id)

@@ -1,18 +1,20 @@
-"""Offload: how sans-I/O core methods hand expensive work to their caller.
+"""Offload and Forward: how sans-I/O core methods hand work to their caller.
 
 A core method that must compute something slow (an RSA private-key operation,
 key generation, a provider's blocking call) is a generator: it yields
 ``Offload(fn, thread)`` and receives ``fn()``'s result (or has its exception
 thrown in). ``run_inline`` drives such a generator synchronously, for tests and
 for callers without threads; the server drives it with trio worker threads.
+A passthrough slot's methods yield ``Forward(backend, method, args)`` instead:
+a call to the module behind the token, which the server awaits.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -24,17 +26,39 @@ class Offload:
     delay: float = 0.0  # seconds to wait first, without blocking anyone else (PIN throttling)
 
 
-Work = Generator[Offload, Any, T]
+class Backend(Protocol):
+    """The module behind a passthrough token (the provider's link to its worker process)."""
+
+    @property
+    def generation(self) -> int:
+        """Bumped each time the worker restarts: module handles of older generations are gone."""
+
+    async def call(self, method: str, args: Sequence[Any]) -> Any:
+        """Run one module call; raise the module's PKCS11Error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Run ``method(*args)`` in the token's module and send back its result (or throw its error)."""
+
+    backend: Backend
+    method: str
+    args: list[Any]
+
+
+Work = Generator[Offload | Forward, Any, T]
 
 
 def run_inline(result: Any) -> Any:
     """Drive a core method's result to completion on the calling thread."""
     if not isinstance(result, Generator):
         return result
-    gen: Generator[Offload, Any, Any] = result
+    gen: Generator[Offload | Forward, Any, Any] = result
     try:
         request = next(gen)
         while True:
+            if isinstance(request, Forward):
+                raise TypeError("module calls (Forward) need an async caller")
             try:
                 if request.delay:
                     time.sleep(request.delay)

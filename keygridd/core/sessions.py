@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 import keygridd
-from keygridd.core.base import CoreState
-from keygridd.core.model import Application, Session
+from keygridd.core.base import CoreState, check_login_request, session_info
+from keygridd.core.model import Application, Session, Slot
 from keygridd.core.offload import Offload, Work
+from keygridd.core.remote import RemoteToken
 from keygridd.pkcs11 import CKU, SessionFlag, SlotFlag, TokenFlag
 from keygridd.pkcs11._constants import CKF_DONT_BLOCK
 from keygridd.pkcs11.errors import (
@@ -31,10 +32,8 @@ from keygridd.pkcs11.errors import (
     SessionReadWriteSoExists,
     TokenNotRecognized,
     UserAlreadyLoggedIn,
-    UserAnotherAlreadyLoggedIn,
     UserNotLoggedIn,
     UserPinNotInitialized,
-    UserTypeInvalid,
 )
 
 CRYPTOKI_VERSION = (2, 40)
@@ -66,7 +65,8 @@ class SessionFunctions(CoreState):
         }
 
     def C_GetSlotList(self, app: Application, token_present: bool) -> list[int]:
-        return sorted(s.slot_id for s in self.slots.values() if s.allows(app.peer) and (s.ready or not token_present))
+        slots: list[Slot | RemoteToken] = [*self.slots.values(), *self.remote.values()]
+        return sorted(s.slot_id for s in slots if s.allows(app.peer) and (s.ready or not token_present))
 
     def C_GetSlotInfo(self, app: Application, slot_id: int) -> dict[str, Any]:
         slot = self.slot(app, slot_id)
@@ -187,9 +187,7 @@ class SessionFunctions(CoreState):
             self._drop_session(session)
 
     def C_GetSessionInfo(self, app: Application, handle: int) -> dict[str, Any]:
-        session = self.session(app, handle)
-        flags = SessionFlag.SERIAL_SESSION | (SessionFlag.RW_SESSION if session.rw else 0)
-        return {"slot_id": session.slot_id, "state": session.state(), "flags": int(flags), "device_error": 0}
+        return session_info(self.session(app, handle))
 
     def C_GetOperationState(self, app: Application, handle: int) -> bytes:
         self.session(app, handle)
@@ -214,12 +212,7 @@ class SessionFunctions(CoreState):
             for op in ops:
                 op.needs_context_login = False
             return
-        if user_type not in (CKU.USER, CKU.SO):
-            raise UserTypeInvalid(f"user type {user_type}")
-        if current == user_type:
-            raise UserAlreadyLoggedIn()
-        if current is not None:
-            raise UserAnotherAlreadyLoggedIn()
+        check_login_request(current, user_type)
         if user_type == CKU.SO and any(not s.rw for s in app.sessions.values() if s.slot_id == slot_id):
             raise SessionReadOnlyExists("close the read-only sessions before the SO logs in")
         if user_type == CKU.USER and not store.user_pin_initialized:

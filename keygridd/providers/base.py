@@ -5,14 +5,23 @@ A provider serves slots: for each configured slot it opens a ``TokenStore``
 may also inject behaviour per call (the memory provider's scenarios). Options
 are a frozen dataclass (``options_type``) validated by ``keygridd.config.build``
 at start, so a bad option fails before the daemon serves anything.
+
+A ``PassthroughProvider`` serves a token that lives in another PKCS#11
+implementation instead: it gives the core a ``RemoteToken`` whose calls the
+core forwards, and runs the I/O that keeps the link to it up (``run``).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import trio
+
+from keygridd.core.model import Peer
+from keygridd.core.remote import RemoteToken
 from keygridd.core.store import TokenStore
 from keygridd.mechanisms import REGISTRY, MechanismInfo
 
@@ -54,3 +63,18 @@ class Provider(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources at shutdown."""
+
+
+class PassthroughProvider(Provider):
+    """A provider whose token is served by another PKCS#11 implementation (see ``core/remote.py``)."""
+
+    def open_store(self) -> TokenStore:
+        raise TypeError(f"provider {self.name!r} forwards to a token elsewhere: it has no store")
+
+    @abc.abstractmethod
+    def token(self, description: str, allows: Callable[[Peer], bool]) -> RemoteToken:
+        """The slot's token for the core. Called once at start, before ``run``."""
+
+    @abc.abstractmethod
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the link to the token, report started, then keep it healthy until cancelled."""

@@ -20,6 +20,7 @@ import trio
 
 import keygridd
 from keygridd.core.model import Application, Peer
+from keygridd.core.offload import Forward
 from keygridd.pkcs11 import CKR
 from keygridd.pkcs11.errors import PKCS11Error
 from keygridd.protocol import codec
@@ -43,6 +44,15 @@ def _is_request(message: Any) -> bool:
         and message[0] == codec.REQUEST
         and type(message[1]) is int
     )
+
+
+async def forward_later(requests: list[Forward]) -> None:
+    """Module calls left over when an application went away (closing its sessions there)."""
+    for request in requests:
+        try:
+            await request.backend.call(request.method, request.args)
+        except Exception as exc:
+            log.debug("%s for an application that left: %s", request.method, exc)
 
 
 class ProtocolViolation(Exception):
@@ -72,7 +82,11 @@ class Applications:
         count = self.refs.get(app.app_id, 0) - 1
         if count <= 0:
             self.refs.pop(app.app_id, None)
-            self.dispatcher.core.close_application(app)
+            core = self.dispatcher.core
+            core.close_application(app)
+            if core.passthrough.background:
+                later, core.passthrough.background = core.passthrough.background, []
+                trio.lowlevel.spawn_system_task(forward_later, later)
         else:
             self.refs[app.app_id] = count
 
@@ -247,6 +261,13 @@ class Connection:
                 outcome = self.dispatcher.start(app, call, args)
                 if not isinstance(outcome, Pending):
                     rv, result, text = outcome
+                    await self.answer([codec.RESPONSE, msgid, int(rv), result, text])
+                    continue
+                if outcome.request is not None and isinstance(outcome.request, Forward) and not self.reader.has_frame():
+                    # A module call with nothing else of this connection waiting: await it here rather than
+                    # in a task of its own (the shim makes one call at a time per connection). What the
+                    # connection sends meanwhile is read once the call is done.
+                    rv, result, text = await self.dispatcher.finish(outcome)
                     await self.answer([codec.RESPONSE, msgid, int(rv), result, text])
                     continue
                 started: Pending | None = outcome

@@ -5,7 +5,9 @@ gives its code (and a partial result where the spec returns one); anything
 else is an internal bug, logged with its traceback and answered with
 CKR_GENERAL_ERROR. Offload requests from the core run inline or in a worker
 thread behind the daemon's CapacityLimiter. Provider effects (injected
-latency or errors) are applied here, before the core sees the call.
+latency or errors) are applied here, before the core sees the call. Calls of
+passthrough slots go to the core's ``Passthrough``; the module calls they
+yield (``Forward``) are awaited here.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import trio
 
 from keygridd.core.core import Core
 from keygridd.core.model import Application
-from keygridd.core.offload import Offload
+from keygridd.core.offload import Forward, Offload
 from keygridd.pkcs11 import CKR
 from keygridd.pkcs11.errors import FunctionNotSupported, PKCS11Error, error_for
 from keygridd.protocol import codec
@@ -40,8 +42,8 @@ class Pending:
     call: Call
     args: list[Any]
     effect: Effect | None
-    gen: Generator[Offload, Any, Any] | None = None
-    request: Offload | None = None
+    gen: Generator[Offload | Forward, Any, Any] | None = None
+    request: Offload | Forward | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +88,10 @@ class Dispatcher:
                 effect = provider.effect(call.name)
                 if effect is not None:
                     return Pending(app, call, args, effect)
-            result = getattr(self.core, call.name)(app, *args)
+            if slot_id in self.core.remote:
+                result = self.core.passthrough.run(app, call.name, args)
+            else:
+                result = getattr(self.core, call.name)(app, *args)
             if isinstance(result, Generator):
                 return self._advance(app, call, result, None, None)
             return CKR.OK, result, None
@@ -97,7 +102,7 @@ class Dispatcher:
         self,
         app: Application,
         call: Call,
-        gen: Generator[Offload, Any, Any],
+        gen: Generator[Offload | Forward, Any, Any],
         resume: _Sent | None,
         error: Exception | None,
     ) -> Reply | Pending:
@@ -109,7 +114,7 @@ class Dispatcher:
                 request = gen.send(resume.value)
             else:
                 request = next(gen)
-            while not request.thread and not request.delay:
+            while isinstance(request, Offload) and not request.thread and not request.delay:
                 try:
                     value = request.fn()
                 except Exception as exc:
@@ -140,12 +145,15 @@ class Dispatcher:
                 gen, request = outcome.gen, outcome.request
                 assert gen is not None and request is not None
                 try:
-                    if request.delay:
-                        await trio.sleep(request.delay)
-                    if request.thread:
-                        value = await trio.to_thread.run_sync(request.fn, limiter=self.limiter)
+                    if isinstance(request, Forward):
+                        value = await request.backend.call(request.method, request.args)
                     else:
-                        value = request.fn()
+                        if request.delay:
+                            await trio.sleep(request.delay)
+                        if request.thread:
+                            value = await trio.to_thread.run_sync(request.fn, limiter=self.limiter)
+                        else:
+                            value = request.fn()
                 except Exception as exc:
                     outcome = self._advance(outcome.app, outcome.call, gen, None, exc)
                 else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -21,11 +22,12 @@ from typing import Any
 
 import trio
 
-from keygridd.config import Settings
+from keygridd.config import AccessList, Settings
 from keygridd.core.core import Core
 from keygridd.core.model import Peer, Slot
+from keygridd.core.remote import RemoteToken
 from keygridd.pkcs11 import CKU
-from keygridd.providers.base import Provider
+from keygridd.providers.base import PassthroughProvider, Provider
 from keygridd.server.connection import Applications, Connection
 from keygridd.server.dispatch import Dispatcher
 from keygridd.server.listener import notify, open_socket, peer_of
@@ -44,8 +46,15 @@ class Daemon:
     def build(cls, settings: Settings, options: dict[int, Any], lookup: Callable[[str], type[Provider]]) -> Daemon:
         providers: dict[int, Provider] = {}
         slots: list[Slot] = []
+        remote: list[RemoteToken] = []
         for slot_settings in settings.slots:
             provider = lookup(slot_settings.provider)(slot_settings.id, options[slot_settings.id])
+            access = slot_settings.access
+            providers[slot_settings.id] = provider
+            allows = functools.partial(_allows, access)
+            if isinstance(provider, PassthroughProvider):
+                remote.append(provider.token(slot_settings.description, allows))
+                continue
             store = provider.open_store()
             if slot_settings.token is not None and not store.initialized:
                 init = slot_settings.token
@@ -53,8 +62,6 @@ class Daemon:
                 if init.user_pin is not None:
                     store.init_pin(init.user_pin.encode())
                 store.lock()  # keys unlocked to initialise are not kept
-            access = slot_settings.access
-            providers[slot_settings.id] = provider
             slots.append(
                 Slot(
                     slot_id=slot_settings.id,
@@ -62,16 +69,20 @@ class Daemon:
                     provider=slot_settings.provider,
                     store=store,
                     mechanisms=provider.mechanisms(),
-                    allows=lambda peer, access=access: access.allows(peer.uid, peer.gid, peer.groups),  # type: ignore[misc]
+                    allows=allows,
                 )
             )
-        return cls(settings, Core(slots), providers)
+        return cls(settings, Core(slots, remote), providers)
 
     def summary(self) -> list[str]:
         lines = [f"socket: {self.settings.server.socket}"]
         for slot in sorted(self.core.slots.values(), key=lambda s: s.slot_id):
             label = slot.store.label.decode("utf-8", "replace").rstrip(" ") or "(not initialised)"
             lines.append(f"slot {slot.slot_id}: {slot.provider} token '{label}' - {slot.description}")
+        for token in sorted(self.core.remote.values(), key=lambda t: t.slot_id):
+            where = f"label '{token.label}'" if token.label is not None else f"serial '{token.serial}'"
+            state = "" if token.ready else " (not ready)"
+            lines.append(f"slot {token.slot_id}: {token.provider} token with {where}{state} - {token.description}")
         return lines
 
     def close(self) -> None:
@@ -159,6 +170,9 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
 
             nursery.start_soon(stop_on_signal, nursery)
             watch_stores(daemon.core, nursery)
+            for provider in daemon.providers.values():
+                if isinstance(provider, PassthroughProvider):
+                    await nursery.start(provider.run)
             await nursery.start(accept)
             notify("READY=1")
             task_status.started(server.socket)
@@ -196,6 +210,10 @@ def watch_stores(core: Core, nursery: trio.Nursery) -> None:
                 pass  # the daemon is stopping
 
         slot.store.watch(changed)
+
+
+def _allows(access: AccessList, peer: Peer) -> bool:
+    return access.allows(peer.uid, peer.gid, peer.groups)
 
 
 def anonymous_peer() -> Peer:

@@ -6,12 +6,19 @@ data)``), results as Python values and failures raised as the
 ``shim`` loads ``libkeygrid-pkcs11.so`` (built here with its Makefile) and
 calls it with ctypes. A PKCS#11 module is one application per process, so
 tests that need a second application use the ``other`` fixture (the client).
+
+Providers whose token is another PKCS#11 module (``pkcs11-softhsm``) answer
+with that module's defaults and codes: ``differences.py`` is the table of
+where it differs and why, applied at collection (tests needing a mechanism
+the provider does not offer are not generated; known different answers run
+as strict xfail).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +30,10 @@ from keygridd.client import Client
 from keygridd.pkcs11 import CKU
 from keygridd.pkcs11._constants import CKF_RW_SESSION, CKF_SERIAL_SESSION
 from keygridd.pkcs11.errorbase import PKCS11Error
+from tests.conformance import differences
 from tests.conftest import RESTRICTED_UID, SO_PIN, USER_PIN
 from tests.shim.door import ShimDoor
+from tests.softhsm import SOFTHSM_MODULE, softhsm_tokens
 
 RW = CKF_SERIAL_SESSION | CKF_RW_SESSION
 RO = CKF_SERIAL_SESSION
@@ -40,8 +49,9 @@ def _shim_door(path: str) -> Any:
 
 DOORS: dict[str, Callable[[str], Any]] = {"client": lambda path: Client(path), "shim": _shim_door}
 
-# Every provider whose slots the suite runs against: the memory mock and the software token on each backend.
-PROVIDERS = ("memory", "software-lmdb", "software-filesystem", "software-postgresql")
+# Every provider whose slots the suite runs against: the memory mock, the software token on each backend,
+# and SoftHSM2 behind the pkcs11 provider.
+PROVIDERS = ("memory", "software-lmdb", "software-filesystem", "software-postgresql", "pkcs11-softhsm")
 
 
 def software_config(backend: str, location: str) -> str:
@@ -72,12 +82,87 @@ slots:
 """
 
 
+def softhsm_config(env: dict[str, str]) -> str:
+    """Slot 0: a SoftHSM2 token; slot 1: SoftHSM2's uninitialised token; slot 7: another, for uid 4242."""
+    options = (
+        f"{{module: {SOFTHSM_MODULE}, token_label: '%s', environment: {{SOFTHSM2_CONF: '{env['SOFTHSM2_CONF']}'}}}}"
+    )
+    return f"""
+server:
+  socket: {{socket}}
+  shutdown_grace_seconds: 5
+slots:
+  - id: 0
+    description: conformance slot
+    provider: pkcs11
+    options: {options % "conformance"}
+  - id: 1
+    description: blank slot
+    provider: pkcs11
+    options: {options % ""}
+  - id: 7
+    description: restricted slot
+    provider: pkcs11
+    access: {{uids: [{RESTRICTED_UID}]}}
+    options: {options % "hidden"}
+"""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "mechanisms(*ckm): the test needs these mechanisms; not generated for a provider without them"
+    )
+
+
+def _short_name(item: pytest.Function, provider: str) -> str:
+    """The test's name with its parameters, without the provider and door ids (``test_x[sha1]``)."""
+    ids = item.callspec.id
+    for token in (provider, *DOORS):
+        ids = re.sub(rf"(^|-){re.escape(token)}(?=-|$)", "", ids, count=1)
+    ids = ids.strip("-")
+    return f"{item.originalname}[{ids}]" if ids else item.originalname
+
+
+def _needed(item: pytest.Function) -> set[int]:
+    needed = {int(mark_arg) for mark in item.iter_markers("mechanisms") for mark_arg in mark.args}
+    mech = item.callspec.params.get("mech")
+    if isinstance(mech, int):
+        needed.add(mech)
+    return needed
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Apply ``differences``: tests a provider cannot run are not generated, its known answers are xfail."""
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        provider = callspec.params.get("daemon") if callspec is not None else None
+        if not isinstance(item, pytest.Function) or provider not in PROVIDERS:
+            kept.append(item)
+            continue
+        name = _short_name(item, provider)
+        if differences.not_offered(provider, _needed(item)) or differences.deselected(provider, name):
+            dropped.append(item)
+            continue
+        expected = differences.expected_failure(provider, name)
+        if expected is not None:
+            raises, reason = expected
+            item.add_marker(pytest.mark.xfail(strict=True, raises=raises, reason=f"{provider}: {reason}"))
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session", params=PROVIDERS)
 def daemon(request: pytest.FixtureRequest, daemon_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The suite's daemon, once per provider: slot 0 initialised, slot 1 blank, slot 7 for uid 4242 only."""
     provider = request.param
     if provider == "memory":
         return daemon_factory(name="conformance-memory")
+    if provider == "pkcs11-softhsm":
+        env = softhsm_tokens(tmp_path_factory.mktemp("softhsm"), ["conformance", "hidden"])
+        return daemon_factory(softhsm_config(env), name="conformance-softhsm")
     backend = provider.split("-", 1)[1]
     if backend == "postgresql":
         import psycopg
@@ -90,6 +175,13 @@ def daemon(request: pytest.FixtureRequest, daemon_factory: Any, tmp_path_factory
     else:
         location = str(tmp_path_factory.mktemp(provider) / "store")
     return daemon_factory(software_config(backend, location), name=f"conformance-{backend}")
+
+
+@pytest.fixture
+def provider(request: pytest.FixtureRequest, daemon: Any) -> str:
+    """The provider behind the suite's daemon (``memory``, ``pkcs11-softhsm``, ...)."""
+    name: str = request.node.callspec.params["daemon"]
+    return name
 
 
 @pytest.fixture(params=sorted(DOORS))
@@ -127,10 +219,12 @@ def public_session(p11: Any, daemon: Any) -> int:
 
 @contextlib.contextmanager
 def ckr(expected: int) -> Iterator[None]:
-    """Expect the block to fail with exactly this CKR."""
+    """Expect the block to fail with exactly this CKR; another CKR propagates as its own exception class."""
     try:
         yield
     except PKCS11Error as exc:
-        assert exc.rv == expected, f"expected {expected:#x}, got {exc}"
+        if exc.rv != expected:
+            exc.add_note(f"expected CKR {expected:#x}")
+            raise
     else:
         raise AssertionError(f"expected CKR {expected:#x}, the call succeeded")

@@ -43,6 +43,34 @@ ED448 = Curve("Ed448", bytes.fromhex("06032b6571"), None, 57)
 WEIERSTRASS = (P256, P384, P521, SECP256K1)
 EDWARDS = (ED25519, ED448)
 
+# Finite-field domain parameters (p, q, g), fixed so no test waits for a parameter generation.
+# DSA 1024/160: made once with cryptography's dsa.generate_parameters(1024).
+DSA_1024 = (
+    int(
+        "a41bdcb9d245521ddc82db0822cf35fb776901af3bd5b6c92516ea5504d52f71f24e3e0aa456a179aff8f4f97fa875e9883f6549"
+        "ca8575018e7a84945f66e83c77e75cac9456fe9dada1001b541afaedac94586adf90aba099098a3c1405fb34034251eac9384f7aeb"
+        "c9858b209d83370055f4603b176538d11f5fab192e47d5",
+        16,
+    ),
+    int("bba2e7d910c9ad924c44da0f5f62602e77d06495", 16),
+    int(
+        "2638d6d25fdcdc54d674d35d5b3c0c33b91bbce1d34eee5d14ecf97ecbf380fa9e7253ee48a32ad7d5d7d9eef205faf3d3a48a052e"
+        "6669f3695e3b6730d2fc65e8910b81c5db0e40e959737d04b4899eab79d9adc32a7b0db355287c6ca11805391ccfb65d7caba3e7bf"
+        "e9b139cf928cf30e1ee2dc8c1c914f9801ca223a057",
+        16,
+    ),
+)
+# Diffie-Hellman: the 1024-bit MODP group of RFC 2409 (Oakley group 2), generator 2.
+DH_1024 = (
+    int(
+        "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DDEF9519B3CD"
+        "3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7EDEE386BFB5A899FA5AE9F"
+        "24117C4B1FE649286651ECE65381FFFFFFFFFFFFFFFF",
+        16,
+    ),
+    2,
+)
+
 
 # --- template builders -----------------------------------------------------------------------------
 
@@ -66,6 +94,19 @@ def rsa_templates(bits: int = 2048, *, public: Template | None = None, **private
     """C_GenerateKeyPair(CKM_RSA_PKCS_KEY_PAIR_GEN) public and private templates."""
     pub = {CKA.TOKEN: False, CKA.MODULUS_BITS: bits, CKA.PUBLIC_EXPONENT: b"\x01\x00\x01", **(public or {})}
     return pub, {CKA.TOKEN: False, **_named(private)}
+
+
+def dsa_templates(**private: Any) -> tuple[Template, Template]:
+    """C_GenerateKeyPair(CKM_DSA_KEY_PAIR_GEN) templates with the domain parameters of ``DSA_1024``."""
+    p, q, g = DSA_1024
+    pub = {CKA.TOKEN: False, CKA.PRIME: _fixed(p, 128), CKA.SUBPRIME: _fixed(q, 20), CKA.BASE: _fixed(g, 128)}
+    return pub, {CKA.TOKEN: False, **_named(private)}
+
+
+def dh_templates(**private: Any) -> tuple[Template, Template]:
+    """C_GenerateKeyPair(CKM_DH_PKCS_KEY_PAIR_GEN) templates in the group of ``DH_1024``."""
+    p, g = DH_1024
+    return {CKA.TOKEN: False, CKA.PRIME: _fixed(p, 128), CKA.BASE: _big(g)}, {CKA.TOKEN: False, **_named(private)}
 
 
 def ec_templates(curve: Curve, *, public: Template | None = None, **private: Any) -> tuple[Template, Template]:
@@ -111,6 +152,10 @@ def _named(attrs: dict[str, Any]) -> Template:
 
 def _big(value: int) -> bytes:
     return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def _fixed(value: int, size: int) -> bytes:
+    return value.to_bytes(size, "big")
 
 
 # --- DER and key readers ---------------------------------------------------------------------------
@@ -197,6 +242,11 @@ class Kit:
         return self.once(  # type: ignore[no-any-return]
             f"ec-{curve.name}",
             lambda: self.p11.C_GenerateKeyPair(self.session, Mechanism(mech), *ec_templates(curve, derive=True)),
+        )
+
+    def dsa(self) -> tuple[int, int]:
+        return self.once(  # type: ignore[no-any-return]
+            "dsa", lambda: self.p11.C_GenerateKeyPair(self.session, Mechanism(CKM.DSA_KEY_PAIR_GEN), *dsa_templates())
         )
 
     def secret(self, key_type: int, length: int = 32, **extra: Any) -> tuple[int, bytes]:

@@ -182,6 +182,7 @@ def test_imported_rsa_key_works_and_is_not_local(p11: Any, session: int) -> None
         assert p11.C_Decrypt(session, local.public_key().encrypt(DATA, pad)) == DATA
 
 
+@pytest.mark.mechanisms(CKM.ECDSA_SHA384)
 def test_imported_ec_key_works_and_is_not_local(p11: Any, session: int) -> None:
     local = ec.generate_private_key(ec.SECP384R1())
     pub_t, priv_t = ec_import(local, P384)
@@ -246,6 +247,7 @@ def test_usage_attributes_are_enforced(p11: Any, session: int) -> None:
     p11.C_Sign(session, DIGEST)
 
 
+@pytest.mark.mechanisms(CKM.AES_KEY_WRAP_KWP)
 def test_allowed_mechanisms_restrict(p11: Any, session: int) -> None:
     key = p11.C_GenerateKey(session, AES_GEN, aes_template(16, allowed_mechanisms=(CKM.AES_GCM, CKM.AES_CTR)))
     assert read_attr(p11, session, key, CKA.ALLOWED_MECHANISMS) == (CKM.AES_GCM, CKM.AES_CTR)
@@ -307,6 +309,7 @@ def test_bad_mechanism_parameters(p11: Any, session: int) -> None:
 # --- wrap and unwrap ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.mechanisms(CKM.AES_KEY_WRAP_KWP)
 def test_wrap_rules(p11: Any, session: int) -> None:
     kek = p11.C_GenerateKey(session, AES_GEN, aes_template(32))
     locked = p11.C_GenerateKey(session, AES_GEN, aes_template(16))  # CKA_EXTRACTABLE defaults to false
@@ -330,6 +333,7 @@ def test_wrap_rules(p11: Any, session: int) -> None:
     assert read_attr(p11, session, copy, CKA.VALUE) is None
 
 
+@pytest.mark.mechanisms(CKM.AES_KEY_WRAP_KWP)
 def test_unwrap_of_garbage(p11: Any, session: int) -> None:
     kek = p11.C_GenerateKey(session, AES_GEN, aes_template(32))
     template = secret_template(CKK.AES)
@@ -378,6 +382,7 @@ def test_rsa_wraps_a_secret_key(p11: Any, session: int) -> None:
     assert _same_aes_key(p11, session, copy, target)
 
 
+@pytest.mark.mechanisms(CKM.AES_KEY_WRAP_KWP)
 def test_private_key_wrap_round_trip(p11: Any, session: int) -> None:
     value = os.urandom(32)
     kek = p11.C_CreateObject(session, secret_import(CKK.AES, value))
@@ -443,6 +448,7 @@ def test_ecdh_derive_matches_cryptography(p11: Any, session: int) -> None:
         p11.C_DeriveKey(session, kdf, priv, secret_template(CKK.GENERIC_SECRET))
 
 
+@pytest.mark.mechanisms(CKM.ECDH1_COFACTOR_DERIVE)
 def test_ecdh_both_sides_derive_the_same_aes_key(p11: Any, session: int) -> None:
     pub_a, priv_a = p11.C_GenerateKeyPair(session, EC_GEN, *ec_templates(P256, derive=True))
     pub_b, priv_b = p11.C_GenerateKeyPair(session, EC_GEN, *ec_templates(P256, derive=True))

@@ -121,7 +121,7 @@ def test_private_objects_need_login(p11: Any, daemon: Any) -> None:
         p11.C_CreateObject(s, data_object(b"secret", PRIVATE=True))
     p11.C_Login(s, CKU.USER, daemon.user_pin)
     private = p11.C_CreateObject(s, data_object(b"vis-private", PRIVATE=True))
-    public = p11.C_CreateObject(s, data_object(b"vis-public"))
+    public = p11.C_CreateObject(s, data_object(b"vis-public", PRIVATE=False))
     assert find(p11, s, {CKA.LABEL: b"vis-private"}) == [private]
     p11.C_Logout(s)
     # The private session object is destroyed and its handle invalid (Base 5.6, C_Logout).
@@ -160,7 +160,7 @@ def test_read_only_session_cannot_write_token_objects(p11: Any, daemon: Any) -> 
 def test_session_objects_belong_to_their_session_and_application(p11: Any, other: Client, daemon: Any) -> None:
     a = p11.C_OpenSession(0, RW)
     b = p11.C_OpenSession(0, RW)
-    h = p11.C_CreateObject(a, data_object(b"owned"))
+    h = p11.C_CreateObject(a, data_object(b"owned", PRIVATE=False))
     assert find(p11, b, {CKA.LABEL: b"owned"}) == [h]  # visible to every session of the application
     theirs = other.C_OpenSession(0, RW)
     assert find(other, theirs, {CKA.LABEL: b"owned"}) == []
@@ -189,7 +189,10 @@ def test_find_objects(p11: Any, session: int) -> None:
 
 def test_sensitive_values_never_match_a_search(p11: Any, session: int) -> None:
     value = b"v" * 16
-    p11.C_CreateObject(session, {CKA.CLASS: CKO.SECRET_KEY, CKA.KEY_TYPE: CKK.AES, CKA.VALUE: value, CKA.LABEL: b"hid"})
+    p11.C_CreateObject(
+        session,
+        {CKA.CLASS: CKO.SECRET_KEY, CKA.KEY_TYPE: CKK.AES, CKA.VALUE: value, CKA.LABEL: b"hid", CKA.SENSITIVE: True},
+    )
     assert find(p11, session, {CKA.LABEL: b"hid"}) != []
     assert find(p11, session, {CKA.LABEL: b"hid", CKA.VALUE: value}) == []
 

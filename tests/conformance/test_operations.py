@@ -18,6 +18,8 @@ from keygridd.pkcs11.params import GcmParams, Mechanism
 from tests.conformance.conftest import ckr
 
 P256 = bytes.fromhex("06082a8648ce3d030107")
+RSA_1024 = ({CKA.MODULUS_BITS: 1024, CKA.PUBLIC_EXPONENT: b"\x01\x00\x01"}, {CKA.SIGN: True})
+SIGN = Mechanism(CKM.SHA256_RSA_PKCS)
 
 
 @pytest.fixture
@@ -27,48 +29,55 @@ def ec_pair(p11: Any, session: int) -> tuple[int, int]:
 
 
 @pytest.fixture
+def rsa_pair(p11: Any, session: int) -> tuple[int, int]:
+    """A signing pair whose mechanisms every provider offers (SHA-2 with RSA PKCS #1 v1.5)."""
+    pub, priv = p11.C_GenerateKeyPair(session, Mechanism(CKM.RSA_PKCS_KEY_PAIR_GEN), *RSA_1024)
+    return pub, priv
+
+
+@pytest.fixture
 def aes_key(p11: Any, session: int) -> int:
     key: int = p11.C_GenerateKey(session, Mechanism(CKM.AES_KEY_GEN), {CKA.VALUE_LEN: 32})
     return key
 
 
-def test_sign_ends_after_success(p11: Any, session: int, ec_pair: tuple[int, int]) -> None:
-    pub, priv = ec_pair
+def test_sign_ends_after_success(p11: Any, session: int, rsa_pair: tuple[int, int]) -> None:
+    pub, priv = rsa_pair
     with ckr(CKR.OPERATION_NOT_INITIALIZED):
         p11.C_Sign(session, b"x")
-    p11.C_SignInit(session, Mechanism(CKM.ECDSA_SHA256), priv)
+    p11.C_SignInit(session, SIGN, priv)
     with ckr(CKR.OPERATION_ACTIVE):
-        p11.C_SignInit(session, Mechanism(CKM.ECDSA_SHA256), priv)
+        p11.C_SignInit(session, SIGN, priv)
     signature = p11.C_Sign(session, b"message")
-    assert len(signature) == 64
+    assert len(signature) == 128
     with ckr(CKR.OPERATION_NOT_INITIALIZED):
         p11.C_Sign(session, b"message")
-    p11.C_VerifyInit(session, Mechanism(CKM.ECDSA_SHA256), pub)
+    p11.C_VerifyInit(session, SIGN, pub)
     p11.C_Verify(session, b"message", signature)
 
 
-def test_verify_failure_ends_the_operation(p11: Any, session: int, ec_pair: tuple[int, int]) -> None:
-    pub, priv = ec_pair
-    p11.C_SignInit(session, Mechanism(CKM.ECDSA_SHA256), priv)
+def test_verify_failure_ends_the_operation(p11: Any, session: int, rsa_pair: tuple[int, int]) -> None:
+    pub, priv = rsa_pair
+    p11.C_SignInit(session, SIGN, priv)
     signature = p11.C_Sign(session, b"message")
-    p11.C_VerifyInit(session, Mechanism(CKM.ECDSA_SHA256), pub)
+    p11.C_VerifyInit(session, SIGN, pub)
     with ckr(CKR.SIGNATURE_INVALID):
         p11.C_Verify(session, b"other message", signature)
     with ckr(CKR.OPERATION_NOT_INITIALIZED):
         p11.C_Verify(session, b"message", signature)
-    p11.C_VerifyInit(session, Mechanism(CKM.ECDSA_SHA256), pub)
+    p11.C_VerifyInit(session, SIGN, pub)
     p11.C_VerifyUpdate(session, b"mess")
     p11.C_VerifyUpdate(session, b"age")
     p11.C_VerifyFinal(session, signature)
 
 
-def test_multipart_sign_matches_single_part(p11: Any, session: int, ec_pair: tuple[int, int]) -> None:
-    pub, priv = ec_pair
-    p11.C_SignInit(session, Mechanism(CKM.ECDSA_SHA384), priv)
+def test_multipart_sign_matches_single_part(p11: Any, session: int, rsa_pair: tuple[int, int]) -> None:
+    pub, priv = rsa_pair
+    p11.C_SignInit(session, Mechanism(CKM.SHA384_RSA_PKCS), priv)
     for chunk in (b"a", b"bc", b"def"):
         p11.C_SignUpdate(session, chunk)
     signature = p11.C_SignFinal(session)
-    p11.C_VerifyInit(session, Mechanism(CKM.ECDSA_SHA384), pub)
+    p11.C_VerifyInit(session, Mechanism(CKM.SHA384_RSA_PKCS), pub)
     p11.C_Verify(session, b"abcdef", signature)
     with ckr(CKR.OPERATION_NOT_INITIALIZED):
         p11.C_SignFinal(session)
@@ -97,8 +106,8 @@ def test_mechanism_and_key_checks_at_init(p11: Any, session: int, ec_pair: tuple
     with ckr(CKR.MECHANISM_PARAM_INVALID):
         p11.C_EncryptInit(session, Mechanism(CKM.AES_GCM, b"not a GCM structure"), aes_key)
     # A failed Init leaves no operation behind.
-    p11.C_SignInit(session, Mechanism(CKM.ECDSA_SHA256), priv)
-    p11.C_Sign(session, b"ok")
+    p11.C_SignInit(session, Mechanism(CKM.ECDSA), priv)
+    p11.C_Sign(session, hashlib.sha256(b"ok").digest())
 
 
 def test_encrypt_decrypt_multipart(p11: Any, session: int, aes_key: int) -> None:
@@ -133,26 +142,26 @@ def test_digest(p11: Any, public_session: int) -> None:
     s = public_session
     p11.C_DigestInit(s, Mechanism(CKM.SHA256))
     assert p11.C_Digest(s, b"abc") == hashlib.sha256(b"abc").digest()
-    p11.C_DigestInit(s, Mechanism(CKM.SHA3_512))
+    p11.C_DigestInit(s, Mechanism(CKM.SHA512))
     p11.C_DigestUpdate(s, b"a")
     p11.C_DigestUpdate(s, b"bc")
-    assert p11.C_DigestFinal(s) == hashlib.sha3_512(b"abc").digest()
+    assert p11.C_DigestFinal(s) == hashlib.sha512(b"abc").digest()
     with ckr(CKR.OPERATION_NOT_INITIALIZED):
         p11.C_DigestFinal(s)
 
 
-def test_operations_are_per_session(p11: Any, session: int, ec_pair: tuple[int, int], daemon: Any) -> None:
-    _, priv = ec_pair
+def test_operations_are_per_session(p11: Any, session: int, rsa_pair: tuple[int, int], daemon: Any) -> None:
+    _, priv = rsa_pair
     second = p11.C_OpenSession(0, 6)
-    p11.C_SignInit(session, Mechanism(CKM.ECDSA_SHA256), priv)
-    p11.C_SignInit(second, Mechanism(CKM.ECDSA_SHA256), priv)
-    assert len(p11.C_Sign(second, b"2")) == 64
-    assert len(p11.C_Sign(session, b"1")) == 64
+    p11.C_SignInit(session, SIGN, priv)
+    p11.C_SignInit(second, SIGN, priv)
+    assert len(p11.C_Sign(second, b"2")) == 128
+    assert len(p11.C_Sign(session, b"1")) == 128
 
 
-def test_logout_ends_operations_on_private_keys(p11: Any, session: int, ec_pair: tuple[int, int], daemon: Any) -> None:
-    _, priv = ec_pair
-    p11.C_SignInit(session, Mechanism(CKM.ECDSA_SHA256), priv)
+def test_logout_ends_operations_on_private_keys(p11: Any, session: int, rsa_pair: tuple[int, int], daemon: Any) -> None:
+    _, priv = rsa_pair
+    p11.C_SignInit(session, SIGN, priv)
     p11.C_Logout(session)
     with ckr(CKR.OPERATION_NOT_INITIALIZED):
         p11.C_Sign(session, b"x")
@@ -161,14 +170,14 @@ def test_logout_ends_operations_on_private_keys(p11: Any, session: int, ec_pair:
 
 def test_always_authenticate_key_needs_context_login(p11: Any, session: int, daemon: Any) -> None:
     pub, priv = p11.C_GenerateKeyPair(
-        session, Mechanism(CKM.EC_KEY_PAIR_GEN), {CKA.EC_PARAMS: P256}, {CKA.ALWAYS_AUTHENTICATE: True}
+        session, Mechanism(CKM.RSA_PKCS_KEY_PAIR_GEN), RSA_1024[0], {CKA.ALWAYS_AUTHENTICATE: True}
     )
-    p11.C_SignInit(session, Mechanism(CKM.ECDSA_SHA256), priv)
+    p11.C_SignInit(session, SIGN, priv)
     with ckr(CKR.USER_NOT_LOGGED_IN):
         p11.C_Sign(session, b"x")
     with ckr(CKR.PIN_INCORRECT):
         p11.C_Login(session, CKU.CONTEXT_SPECIFIC, b"wrong pin")
     p11.C_Login(session, CKU.CONTEXT_SPECIFIC, daemon.user_pin)
     signature = p11.C_Sign(session, b"x")
-    p11.C_VerifyInit(session, Mechanism(CKM.ECDSA_SHA256), pub)
+    p11.C_VerifyInit(session, SIGN, pub)
     p11.C_Verify(session, b"x", signature)

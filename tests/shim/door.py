@@ -7,8 +7,8 @@ through the shim. Failures raise ``keygridd.pkcs11.errors.error_for(rv)``;
 ``C_GetAttributeValue`` returns None for unavailable values without raising
 (like the client, for CKR_ATTRIBUTE_SENSITIVE and _TYPE_INVALID).
 
-The ctypes declarations here (``CK_*`` structures, ``load``) are shared with
-the shim tests.
+The ``CK_*`` structures are the pkcs11 provider's (``keygridd.providers.pkcs11.ckstructs``),
+re-exported here with ``load`` for the shim tests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
-from ctypes import byref, c_ubyte, c_ulong, c_void_p, sizeof
+from ctypes import byref, c_ubyte, c_ulong, sizeof
 from typing import Any
 
 from keygridd.pkcs11 import CKR
@@ -32,128 +32,27 @@ from keygridd.pkcs11.params import (
     PssParams,
     UlongParams,
 )
+from keygridd.providers.pkcs11.ckstructs import (
+    CK_AES_CTR_PARAMS,
+    CK_ATTRIBUTE,
+    CK_ECDH1_DERIVE_PARAMS,
+    CK_EDDSA_PARAMS,
+    CK_GCM_PARAMS,
+    CK_INFO,
+    CK_MECHANISM,
+    CK_MECHANISM_INFO,
+    CK_RSA_PKCS_OAEP_PARAMS,
+    CK_RSA_PKCS_PSS_PARAMS,
+    CK_SESSION_INFO,
+    CK_SLOT_INFO,
+    CK_TOKEN_INFO,
+    CK_VERSION,
+)
 
 CK_ULONG = c_ulong
 CK_BBOOL = c_ubyte
 UNAVAILABLE = (1 << 64) - 1
 PARTIAL_OK = {CKR.ATTRIBUTE_SENSITIVE, CKR.ATTRIBUTE_TYPE_INVALID}
-
-
-class CK_VERSION(ctypes.Structure):
-    _fields_ = [("major", c_ubyte), ("minor", c_ubyte)]
-
-
-class CK_INFO(ctypes.Structure):
-    _fields_ = [
-        ("cryptoki_version", CK_VERSION),
-        ("manufacturer_id", c_ubyte * 32),
-        ("flags", CK_ULONG),
-        ("library_description", c_ubyte * 32),
-        ("library_version", CK_VERSION),
-    ]
-
-
-class CK_SLOT_INFO(ctypes.Structure):
-    _fields_ = [
-        ("slot_description", c_ubyte * 64),
-        ("manufacturer_id", c_ubyte * 32),
-        ("flags", CK_ULONG),
-        ("hardware_version", CK_VERSION),
-        ("firmware_version", CK_VERSION),
-    ]
-
-
-class CK_TOKEN_INFO(ctypes.Structure):
-    _fields_ = [
-        ("label", c_ubyte * 32),
-        ("manufacturer_id", c_ubyte * 32),
-        ("model", c_ubyte * 16),
-        ("serial_number", c_ubyte * 16),
-        ("flags", CK_ULONG),
-        ("max_session_count", CK_ULONG),
-        ("session_count", CK_ULONG),
-        ("max_rw_session_count", CK_ULONG),
-        ("rw_session_count", CK_ULONG),
-        ("max_pin_len", CK_ULONG),
-        ("min_pin_len", CK_ULONG),
-        ("total_public_memory", CK_ULONG),
-        ("free_public_memory", CK_ULONG),
-        ("total_private_memory", CK_ULONG),
-        ("free_private_memory", CK_ULONG),
-        ("hardware_version", CK_VERSION),
-        ("firmware_version", CK_VERSION),
-        ("utc_time", c_ubyte * 16),
-    ]
-
-
-class CK_SESSION_INFO(ctypes.Structure):
-    _fields_ = [("slot_id", CK_ULONG), ("state", CK_ULONG), ("flags", CK_ULONG), ("device_error", CK_ULONG)]
-
-
-class CK_MECHANISM_INFO(ctypes.Structure):
-    _fields_ = [("min_key_size", CK_ULONG), ("max_key_size", CK_ULONG), ("flags", CK_ULONG)]
-
-
-class CK_ATTRIBUTE(ctypes.Structure):
-    _fields_ = [("type", CK_ULONG), ("pValue", c_void_p), ("ulValueLen", CK_ULONG)]
-
-
-class CK_MECHANISM(ctypes.Structure):
-    _fields_ = [("mechanism", CK_ULONG), ("pParameter", c_void_p), ("ulParameterLen", CK_ULONG)]
-
-
-class CK_C_INITIALIZE_ARGS(ctypes.Structure):
-    _fields_ = [
-        ("CreateMutex", c_void_p),
-        ("DestroyMutex", c_void_p),
-        ("LockMutex", c_void_p),
-        ("UnlockMutex", c_void_p),
-        ("flags", CK_ULONG),
-        ("pReserved", c_void_p),
-    ]
-
-
-class CK_GCM_PARAMS(ctypes.Structure):
-    _fields_ = [
-        ("pIv", c_void_p),
-        ("ulIvLen", CK_ULONG),
-        ("ulIvBits", CK_ULONG),
-        ("pAAD", c_void_p),
-        ("ulAADLen", CK_ULONG),
-        ("ulTagBits", CK_ULONG),
-    ]
-
-
-class CK_RSA_PKCS_OAEP_PARAMS(ctypes.Structure):
-    _fields_ = [
-        ("hashAlg", CK_ULONG),
-        ("mgf", CK_ULONG),
-        ("source", CK_ULONG),
-        ("pSourceData", c_void_p),
-        ("ulSourceDataLen", CK_ULONG),
-    ]
-
-
-class CK_RSA_PKCS_PSS_PARAMS(ctypes.Structure):
-    _fields_ = [("hashAlg", CK_ULONG), ("mgf", CK_ULONG), ("sLen", CK_ULONG)]
-
-
-class CK_ECDH1_DERIVE_PARAMS(ctypes.Structure):
-    _fields_ = [
-        ("kdf", CK_ULONG),
-        ("ulSharedDataLen", CK_ULONG),
-        ("pSharedData", c_void_p),
-        ("ulPublicDataLen", CK_ULONG),
-        ("pPublicData", c_void_p),
-    ]
-
-
-class CK_AES_CTR_PARAMS(ctypes.Structure):
-    _fields_ = [("ulCounterBits", CK_ULONG), ("cb", c_ubyte * 16)]
-
-
-class CK_EDDSA_PARAMS(ctypes.Structure):
-    _fields_ = [("phFlag", CK_BBOOL), ("ulContextDataLen", CK_ULONG), ("pContextData", c_void_p)]
 
 
 def text(field: Any) -> str:

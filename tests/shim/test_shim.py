@@ -24,20 +24,11 @@ from typing import Any
 import msgpack
 import pytest
 from daemon_process import LABEL, SO_PIN, USER_PIN, Daemon
-from door import (
-    CK_ATTRIBUTE,
-    CK_C_INITIALIZE_ARGS,
-    CK_INFO,
-    CK_MECHANISM,
-    CK_TOKEN_INFO,
-    CK_ULONG,
-    UNAVAILABLE,
-    ShimDoor,
-    text,
-)
+from door import CK_ULONG, UNAVAILABLE, ShimDoor, text
 
 from keygridd.pkcs11 import CKA, CKK, CKM, CKO, CKR, CKU, SessionFlag
 from keygridd.pkcs11.errors import DeviceRemoved, PinIncorrect, SessionHandleInvalid
+from keygridd.providers.pkcs11.ckstructs import CK_ATTRIBUTE, CK_C_INITIALIZE_ARGS, CK_INFO, CK_MECHANISM, CK_TOKEN_INFO
 
 pytestmark = pytest.mark.shim
 
