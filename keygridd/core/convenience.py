@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import Any, cast
 
 import keygridd
 import keygridd.mechanisms as mechanisms
 from keygridd.core.crypto import CryptoFunctions
 from keygridd.core.model import Application, Obj, OpKind, Session, Slot
 from keygridd.core.offload import Offload, Work
+from keygridd.core.remote import RemoteToken
+from keygridd.core.remote_convenience import matching_tokens, uri_call
 from keygridd.pkcs11 import CKA, CKO, CKU
 from keygridd.pkcs11.errors import ArgumentsBad, KeyHandleInvalid, SlotIdInvalid, TokenNotRecognized
 from keygridd.pkcs11.params import Mechanism
@@ -62,7 +64,7 @@ class ConvenienceFunctions(CryptoFunctions):
         slots.sort(key=lambda s: int(s["slot_id"]))
         return {"version": keygridd.__version__, "uptime": time.monotonic() - self.started, "slots": slots}
 
-    def _uri_session(self, app: Application, uri: Pkcs11Uri, pin: bytes | None) -> Work[Session]:
+    def _candidates(self, app: Application, uri: Pkcs11Uri) -> list[Slot]:
         candidates: list[Slot] = []
         for slot in sorted(self.slots.values(), key=lambda s: s.slot_id):
             if not (slot.allows(app.peer) and slot.ready and slot.store.initialized):
@@ -73,6 +75,18 @@ class ConvenienceFunctions(CryptoFunctions):
             label = slot.store.label.decode("utf-8", "replace").rstrip(" ")
             if uri.matches_token(label, desc.manufacturer, desc.model, desc.serial):
                 candidates.append(slot)
+        return candidates
+
+    def _route(self, app: Application, uri_text: str) -> tuple[Pkcs11Uri, RemoteToken | None]:
+        """The parsed URI, and the passthrough token it names (None: one of KeyGrid's own tokens)."""
+        uri = _parse(uri_text)
+        remote = matching_tokens(list(self.remote.values()), app, uri) if self.remote else []
+        if len(remote) + len(self._candidates(app, uri)) > 1:
+            raise ArgumentsBad("the URI matches several tokens: name the token")
+        return uri, remote[0] if remote else None
+
+    def _uri_session(self, app: Application, uri: Pkcs11Uri, pin: bytes | None) -> Work[Session]:
+        candidates = self._candidates(app, uri)
         if not candidates:
             raise SlotIdInvalid("no token matches the URI")
         if len(candidates) > 1:
@@ -135,6 +149,10 @@ class ConvenienceFunctions(CryptoFunctions):
             self.relock_if_idle(op.key.slot_id)
 
     def KG_Sign(self, app: Application, uri: str, mechanism: Mechanism, data: bytes, pin: bytes | None) -> Work[bytes]:
+        parsed, token = self._route(app, uri)
+        if token is not None:
+            out = yield from uri_call(self.passthrough, app, token, "KG_Sign", parsed, (mechanism, data, pin))
+            return cast(bytes, out)
         op = yield from self._uri_op(app, uri, OpKind.SIGN, mechanism, pin)
         try:
             signature: bytes = yield Offload(lambda: op.context.sign(data), op.thread)
@@ -145,6 +163,10 @@ class ConvenienceFunctions(CryptoFunctions):
     def KG_Verify(
         self, app: Application, uri: str, mechanism: Mechanism, data: bytes, signature: bytes, pin: bytes | None
     ) -> Work[None]:
+        parsed, token = self._route(app, uri)
+        if token is not None:
+            yield from uri_call(self.passthrough, app, token, "KG_Verify", parsed, (mechanism, data, signature, pin))
+            return
         op = yield from self._uri_op(app, uri, OpKind.VERIFY, mechanism, pin)
         try:
             yield Offload(lambda: op.context.verify(data, signature), op.thread)
@@ -154,6 +176,10 @@ class ConvenienceFunctions(CryptoFunctions):
     def KG_Encrypt(
         self, app: Application, uri: str, mechanism: Mechanism, data: bytes, pin: bytes | None
     ) -> Work[bytes]:
+        parsed, token = self._route(app, uri)
+        if token is not None:
+            result = yield from uri_call(self.passthrough, app, token, "KG_Encrypt", parsed, (mechanism, data, pin))
+            return cast(bytes, result)
         op = yield from self._uri_op(app, uri, OpKind.ENCRYPT, mechanism, pin)
         try:
             out: bytes = yield Offload(lambda: op.context.one_shot(data), op.thread)
@@ -164,6 +190,10 @@ class ConvenienceFunctions(CryptoFunctions):
     def KG_Decrypt(
         self, app: Application, uri: str, mechanism: Mechanism, data: bytes, pin: bytes | None
     ) -> Work[bytes]:
+        parsed, token = self._route(app, uri)
+        if token is not None:
+            result = yield from uri_call(self.passthrough, app, token, "KG_Decrypt", parsed, (mechanism, data, pin))
+            return cast(bytes, result)
         op = yield from self._uri_op(app, uri, OpKind.DECRYPT, mechanism, pin)
         try:
             out: bytes = yield Offload(lambda: op.context.one_shot(data), op.thread)
@@ -172,7 +202,10 @@ class ConvenienceFunctions(CryptoFunctions):
         return out
 
     def KG_GetPublicKey(self, app: Application, uri_text: str, pin: bytes | None) -> Work[bytes]:
-        uri = _parse(uri_text)
+        uri, token = self._route(app, uri_text)
+        if token is not None:
+            out = yield from uri_call(self.passthrough, app, token, "KG_GetPublicKey", uri, (pin,))
+            return cast(bytes, out)
         session = yield from self._uri_session(app, uri, pin)
         try:
             try:

@@ -406,7 +406,9 @@ class Passthrough:
                 self.background.append(token.forward("C_CloseSession", remote.module_handle))
         for slot_id in [s for s in app.login if s in self.tokens]:
             app.login.pop(slot_id, None)
-            self._module_logout_if_idle(self.tokens[slot_id])
+            logout = self.module_logout_if_idle(self.tokens[slot_id])
+            if logout is not None:
+                self.background.append(logout)
 
     # --- login --------------------------------------------------------------------------------------
 
@@ -422,7 +424,16 @@ class Passthrough:
             yield token.forward("C_Login", module_session, user_type, pin)
             return
         check_login_request(current, user_type)
-        key = (slot_id, app.peer.uid)
+        yield from self.check_pin_throttled(app, token, module_session, user_type, pin)
+        if app.login.get(slot_id) is not None:  # another call of this application won the race
+            raise UserAlreadyLoggedIn()
+        app.login[slot_id] = user_type
+
+    def check_pin_throttled(
+        self, app: Application, token: RemoteToken, module_session: int, user_type: int, pin: bytes
+    ) -> Work[None]:
+        """``_check_pin`` after a delay that doubles with each wrong PIN this peer gave the slot."""
+        key = (token.slot_id, app.peer.uid)
         failures = self.state.pin_failures.get(key, 0)
         if failures:
             yield Offload(_nothing, False, min(THROTTLE_FIRST * 2 ** (failures - 1), THROTTLE_MAX))
@@ -432,9 +443,6 @@ class Passthrough:
             self.state.pin_failures[key] = failures + 1
             raise
         self.state.pin_failures.pop(key, None)
-        if app.login.get(slot_id) is not None:  # another call of this application won the race
-            raise UserAlreadyLoggedIn()
-        app.login[slot_id] = user_type
 
     def _check_pin(self, token: RemoteToken, module_session: int, user_type: int, pin: bytes) -> Work[None]:
         """Log the module in with this PIN, or check it against the PIN the module is logged in with."""
@@ -479,24 +487,24 @@ class Passthrough:
         for session in app.sessions.values():
             if isinstance(session.remote, RemoteSession) and session.slot_id == token.slot_id:
                 session.remote.found = None
-        if self._module_logout_if_idle(token):
-            call = self.background.pop()
+        logout = self.module_logout_if_idle(token)
+        if logout is not None:
             try:
-                yield call
+                yield logout
             except PKCS11Error:
                 pass
 
-    def _module_logout_if_idle(self, token: RemoteToken) -> bool:
-        """Nobody is logged in to the slot any more: log the module out (unless its PIN is configured)."""
+    def module_logout_if_idle(self, token: RemoteToken) -> Forward | None:
+        """Nobody is logged in to the slot any more: the module call that logs it out (None: nothing to do,
+        or its PIN is configured and it stays logged in)."""
         if token.configured_pin is not None or token.module_login is None:
-            return False
+            return None
         if any(token.slot_id in other.login for other in self.state.apps.values()):
-            return False
+            return None
         token.logged_out()
         if token.service is None or token.generation != token.backend.generation:
-            return False
-        self.background.append(token.forward("C_Logout", token.service))
-        return True
+            return None
+        return token.forward("C_Logout", token.service)
 
     def _set_pin(self, app: Application, name: str, args: list[Any]) -> Work[None]:
         session, token, _args, _ = yield from self._call(app, "C_SetPIN", args)

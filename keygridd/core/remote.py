@@ -94,6 +94,7 @@ class RemoteToken:
     next_handle: int = 1
     digest_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     pin_digest: bytes | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # the token's CK_TOKEN_INFO when last found
 
     @property
     def ready(self) -> bool:
@@ -114,6 +115,7 @@ class RemoteToken:
         self.module_slot = slot
         if slot is None:
             return
+        self.info = yield self.forward("C_GetTokenInfo", slot)
         try:
             self.service = yield self.forward("C_OpenSession", slot, _SERVICE_FLAGS)
         except PKCS11Error:

@@ -81,8 +81,7 @@ class Daemon:
             lines.append(f"slot {slot.slot_id}: {slot.provider} token '{label}' - {slot.description}")
         for token in sorted(self.core.remote.values(), key=lambda t: t.slot_id):
             where = f"label '{token.label}'" if token.label is not None else f"serial '{token.serial}'"
-            state = "" if token.ready else " (not ready)"
-            lines.append(f"slot {token.slot_id}: {token.provider} token with {where}{state} - {token.description}")
+            lines.append(f"slot {token.slot_id}: {token.provider} token with {where} - {token.description}")
         return lines
 
     def close(self) -> None:

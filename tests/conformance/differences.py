@@ -8,7 +8,7 @@ different but allowed CKR), a test would fail for a reason that is the
 module's. Every entry below was checked against the module loaded directly,
 without KeyGrid, and it answers the same there. What KeyGrid itself does
 differently from the module on purpose is what the suite expects, and is
-listed in the README ("Differences from direct SoftHSM2").
+listed in the README ("Differences from SoftHSM2 used directly").
 
 ``conftest.pytest_collection_modifyitems`` applies the table per provider:
 

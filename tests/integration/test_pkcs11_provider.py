@@ -332,3 +332,92 @@ def test_a_token_that_disappears_and_comes_back_is_found_again(
     s = client.C_OpenSession(0, RW)
     client.C_Login(s, CKU.USER, USER_PIN)
     assert client.C_GetTokenInfo(0)["label"] == "front"
+
+
+def test_two_modules_have_workers_of_their_own(
+    daemon_factory: Any, softhsm: str, fault_module: str, clients: Callable[[Any], Client]
+) -> None:
+    """Slot 0 on SoftHSM2, slot 2 on the fault module (another module path): a crash of one worker
+    fails only its own calls; the other slot, and the memory slot, go on."""
+    extra = f"""  - id: 2
+    description: second module
+    provider: pkcs11
+    options: {{module: "{fault_module}", token_label: front, environment: {{SOFTHSM2_CONF: "{softhsm}"}}}}
+"""
+    daemon = daemon_factory(config(softhsm) + extra, name="pkcs11-two")
+    client = clients(daemon)
+    assert client.C_GetSlotList(True) == [0, 1, 2]
+    sessions = {}
+    for slot in (0, 2):
+        sessions[slot] = client.C_OpenSession(slot, RW)
+        client.C_Login(sessions[slot], CKU.USER, USER_PIN)
+    pub, priv = key_pair(client, sessions[0], b"two")
+    pids = worker_pids(daemon.process.pid)
+    assert len(pids) == 2
+    crashing = client.C_OpenSession(2, RW)
+    handles = find(client, crashing, {CKA.LABEL: b"two", CKA.CLASS: CKO.PRIVATE_KEY})
+    assert len(handles) == 1  # the same token, seen through the second module
+    # The fault module aborts in C_Sign: its worker dies, slot 0's does not.
+    expect(CKR.DEVICE_ERROR, sign, client, crashing, handles[0], b"crash" + DIGEST[5:])
+    assert verifies(client, sessions[0], pub, sign(client, sessions[0], priv))
+    memory = client.C_OpenSession(1, RW)
+    assert len(client.C_GenerateRandom(memory, 8)) == 8
+    wait_until(lambda: len(worker_pids(daemon.process.pid)) == 2)  # the crashed one is replaced
+    assert len(set(worker_pids(daemon.process.pid)) & set(pids)) == 1
+    assert len(client.C_GenerateRandom(sessions[2], 8)) == 8
+
+
+def test_calls_by_uri_reach_a_pkcs11_slot(daemon_factory: Any, softhsm: str, clients: Callable[[Any], Client]) -> None:
+    """KG_Sign, KG_Verify, KG_GetPublicKey by PKCS#11 URI, with a PIN for the one call or a session login."""
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    daemon = daemon_factory(config(softhsm), name="pkcs11-uri")
+    owner, caller = clients(daemon), clients(daemon)
+    s = owner.C_OpenSession(0, RW)
+    owner.C_Login(s, CKU.USER, USER_PIN)
+    key_pair(owner, s, b"by-uri")
+    owner.C_Logout(s)  # nobody is logged in now
+
+    uri = "pkcs11:token=front;object=by-uri"
+    ecdsa = Mechanism(CKM.ECDSA)
+    expect(CKR.KEY_HANDLE_INVALID, caller.KG_Sign, uri, ecdsa, DIGEST, None)  # private: a PIN is needed
+    expect(CKR.PIN_INCORRECT, caller.KG_Sign, uri, ecdsa, DIGEST, b"not-the-pin")
+    signature = caller.KG_Sign(uri, ecdsa, DIGEST, USER_PIN)
+    caller.KG_Verify(uri, ecdsa, DIGEST, signature, None)  # the public key needs no login
+    expect(CKR.SIGNATURE_INVALID, caller.KG_Verify, uri, ecdsa, DIGEST[::-1], signature, None)
+    public = load_der_public_key(caller.KG_GetPublicKey(uri, None))
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+    public.verify(der, DIGEST, ec.ECDSA(hashes_prehashed()))
+    # The PIN served that one call: the caller is not logged in, and neither is the module.
+    c = caller.C_OpenSession(0, RW)
+    assert caller.C_GetSessionInfo(c)["state"] == 2
+    expect(CKR.KEY_HANDLE_INVALID, caller.KG_Sign, uri, ecdsa, DIGEST, None)
+    caller.C_Login(c, CKU.USER, USER_PIN)  # with a session login no PIN is needed
+    assert len(caller.KG_Sign(uri, ecdsa, DIGEST, None)) == 64
+    expect(CKR.SLOT_ID_INVALID, caller.KG_Sign, "pkcs11:token=nowhere", ecdsa, DIGEST, None)
+
+
+def test_init_token_and_pin_through_keygrid(
+    daemon_factory: Any, tmp_path: Path, clients: Callable[[Any], Client]
+) -> None:
+    """A slot on SoftHSM2's free token: C_InitToken, C_InitPIN and C_SetPIN go to the module, and the
+    slot follows the token under its new label (SoftHSM2 moves an initialised token to a slot of its own)."""
+    conf = softhsm_tokens(tmp_path, [])["SOFTHSM2_CONF"]
+    blank = config(conf).replace("token_label: front", "token_label: ''")
+    daemon = daemon_factory(blank, name="pkcs11-init")
+    client = clients(daemon)
+    assert not client.C_GetTokenInfo(0)["flags"] & 0x400  # CKF_TOKEN_INITIALIZED
+    expect(CKR.TOKEN_NOT_RECOGNIZED, client.C_OpenSession, 0, RW)
+    client.C_InitToken(0, SO_PIN, b"fresh".ljust(32, b" "))
+    assert client.C_GetTokenInfo(0)["label"] == "fresh"
+    s = client.C_OpenSession(0, RW)
+    client.C_Login(s, CKU.SO, SO_PIN)
+    client.C_InitPIN(s, b"first-pin")
+    client.C_Logout(s)
+    client.C_Login(s, CKU.USER, b"first-pin")
+    client.C_SetPIN(s, b"first-pin", USER_PIN)
+    client.C_Logout(s)
+    expect(CKR.PIN_INCORRECT, client.C_Login, s, CKU.USER, b"first-pin")
+    client.C_Login(s, CKU.USER, USER_PIN)
+    assert status(client, 0)["ready"] is True

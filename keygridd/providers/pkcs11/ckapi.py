@@ -40,7 +40,8 @@ from collections.abc import Callable, Mapping, Sequence
 from ctypes import POINTER, addressof, byref, c_ulong, sizeof
 from typing import Any
 
-from keygridd.pkcs11._constants import CKA, CKF_DONT_BLOCK, CKF_OS_LOCKING_OK, CKR
+from keygridd.core.remote import META_TYPES  # what the daemon learns about every object it sees
+from keygridd.pkcs11._constants import CKF_DONT_BLOCK, CKF_OS_LOCKING_OK, CKR
 from keygridd.pkcs11.attributes import KINDS, AttrValue, Kind
 from keygridd.pkcs11.errorbase import PKCS11Error
 from keygridd.pkcs11.errors import (
@@ -72,9 +73,6 @@ from keygridd.providers.pkcs11.ckstructs import (
     text,
     unpack_value,
 )
-
-# What the daemon learns about every object it sees, in one round trip.
-META_TYPES: tuple[int, ...] = (CKA.TOKEN, CKA.PRIVATE, CKA.CLASS, CKA.ID, CKA.LABEL, CKA.KEY_TYPE)
 
 # The calls that create an object: their result is [handle, meta].
 CREATES = frozenset({"C_CreateObject", "C_CopyObject", "C_GenerateKey", "C_UnwrapKey", "C_DeriveKey"})

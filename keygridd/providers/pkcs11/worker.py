@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from keygridd.core.remote import META_TYPES
 from keygridd.pkcs11._constants import CKR
 from keygridd.pkcs11.attributes import ULONG_MAX, AttrValue
 from keygridd.pkcs11.errorbase import PKCS11Error
@@ -57,7 +58,7 @@ from keygridd.protocol.codec import (
     unpack,
 )
 from keygridd.protocol.framing import HEADER
-from keygridd.providers.pkcs11.ckapi import CREATES, META_TYPES, Module
+from keygridd.providers.pkcs11.ckapi import CREATES, Module
 
 MAX_FRAME = 1 << 27  # well above any PKCS#11 value a module returns (ckstructs.MAX_BUFFER is 64 MiB)
 MAX_ATTRIBUTES = 1 << 16

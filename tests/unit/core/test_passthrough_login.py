@@ -42,6 +42,8 @@ class FakeModule:
     def answer(self, method: str, args: Sequence[Any]) -> Any:
         if method == "KG_FindToken":
             return 0
+        if method == "C_GetTokenInfo":
+            return {"label": "fake", "manufacturer_id": "KeyGrid tests", "model": "fake", "serial_number": "1"}
         if method == "C_OpenSession":
             self.next_session += 1
             return self.next_session
