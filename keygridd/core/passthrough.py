@@ -181,11 +181,7 @@ class Passthrough:
             try:
                 result = yield token.forward(name, *module_args)
             except DeviceError:
-                # The module session may be stuck in a call that timed out, or gone with its worker:
-                # the session's next call gets a new one (operation state is lost, as after any device error).
-                remote = session.remote
-                assert isinstance(remote, RemoteSession)
-                remote.generation = -1
+                _lost(session)
                 raise
             except _STALE:
                 if attempt == 2 or token.generation == token.backend.generation:
@@ -249,7 +245,11 @@ class Passthrough:
             raise OperationActive("a search is already active in this session")
         module_session = yield from token.module_session(session)
         template = list(args[1])
-        found = yield token.forward("KG_FindAll", module_session, template)
+        try:
+            found = yield token.forward("KG_FindAll", module_session, template)
+        except DeviceError:
+            _lost(session)
+            raise
         handles = []
         for module_handle, meta in found:
             handle = token.adopt(module_handle, meta, None)
@@ -515,6 +515,14 @@ class Passthrough:
 
 # Pauses before logging the module in again while it is still logged in for nobody (about 1.3 s in all).
 _LOGIN_WAITS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.5)
+
+
+def _lost(session: Session) -> None:
+    """The module session may be stuck in a call that timed out, or gone with its worker: the session's next
+    call gets a new one (operation state is lost, as after any device error)."""
+    remote = session.remote
+    assert isinstance(remote, RemoteSession)
+    remote.generation = -1
 
 
 def _nothing() -> None:
