@@ -44,14 +44,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import msgpack
-
-from keygridd.core import policy
 from keygridd.core.store import Attributes, TokenDescription, TokenStore
 from keygridd.pkcs11 import CKA, CKU, TokenFlag
 from keygridd.pkcs11.errors import (
@@ -62,8 +59,8 @@ from keygridd.pkcs11.errors import (
     UserNotLoggedIn,
     UserPinNotInitialized,
 )
-from keygridd.protocol.codec import decode_value, encode_value
 from keygridd.providers.base import Provider
+from keygridd.providers.software_records import Entry, Meta, ObjectRecord, is_secret
 from keygridd.storage.base import ABSENT, RawStore, Record, StoreError, VersionConflict
 from keygridd.storage.registry import close_stores, open_store
 from keygridd.storage.sealed import (
@@ -72,7 +69,6 @@ from keygridd.storage.sealed import (
     ScryptCost,
     Sealer,
     SealError,
-    Wrap,
     WrongSecret,
     new_master_key,
     new_token_uuid,
@@ -86,7 +82,6 @@ log = logging.getLogger("keygridd.software")
 
 META_KEY = b"meta"
 OBJECT_PREFIX = b"obj/"
-FORMAT = 1
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 _META_RETRIES = 16
 
@@ -160,156 +155,6 @@ class UnlockKeyError(Exception):
     """The unlock key of an unattended token is missing, too short or wrong."""
 
 
-# --- records ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Meta:
-    """The token's metadata record, decoded."""
-
-    uuid: bytes = b""
-    label: bytes = b" " * 32
-    so: Wrap | None = None
-    user: Wrap | None = None
-    so_failures: int = 0
-    user_failures: int = 0
-    unlock: Wrap | None = None
-    version: int = ABSENT
-
-    @property
-    def initialized(self) -> bool:
-        return self.so is not None
-
-    def wrap(self, role: str) -> Wrap | None:
-        return self.so if role == "so" else self.user
-
-    def failures(self, role: str) -> int:
-        return self.so_failures if role == "so" else self.user_failures
-
-    def set_failures(self, role: str, count: int) -> None:
-        if role == "so":
-            self.so_failures = count
-        else:
-            self.user_failures = count
-
-    def encode(self) -> bytes:
-        def w(wrap: Wrap | None) -> Any:
-            return None if wrap is None else wrap.to_dict()
-
-        doc = {
-            "format": FORMAT,
-            "uuid": self.uuid,
-            "label": self.label,
-            "so": w(self.so),
-            "user": w(self.user),
-            "so_failures": self.so_failures,
-            "user_failures": self.user_failures,
-            "unlock": w(self.unlock),
-        }
-        data: bytes = msgpack.packb(doc, use_bin_type=True)
-        return data
-
-    @classmethod
-    def decode(cls, record: Record) -> Meta:
-        try:
-            doc = msgpack.unpackb(record.value, raw=False)
-            if doc["format"] != FORMAT:
-                raise DeviceError(f"token metadata format {doc['format']} is not supported")
-
-            def w(raw: Any) -> Wrap | None:
-                return None if raw is None else Wrap.from_dict(raw)
-
-            return cls(
-                bytes(doc["uuid"]),
-                bytes(doc["label"]),
-                w(doc["so"]),
-                w(doc["user"]),
-                int(doc["so_failures"]),
-                int(doc["user_failures"]),
-                w(doc["unlock"]),
-                record.version,
-            )
-        except (KeyError, TypeError, ValueError, SealError, msgpack.ExtraData, msgpack.UnpackException) as exc:
-            raise DeviceError("the token's metadata record is damaged") from exc
-
-
-def _pack_attrs(attrs: Iterable[tuple[int, Any]]) -> bytes:
-    data: bytes = msgpack.packb([[a, encode_value(v)] for a, v in sorted(attrs)], use_bin_type=True)
-    return data
-
-
-def _unpack_attrs(data: bytes) -> Attributes:
-    return {int(a): decode_value(int(a), v) for a, v in msgpack.unpackb(data, raw=False)}
-
-
-def _secret(attrs: Mapping[int, Any], attr: int) -> bool:
-    cls = attrs.get(CKA.CLASS)
-    if not isinstance(cls, int):
-        return False
-    key_type = attrs.get(CKA.KEY_TYPE)
-    return policy.is_sensitive_attribute(cls, key_type if isinstance(key_type, int) else None, attr)
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectRecord:
-    """An object record: the header (authenticated at unlock) and the sealed part."""
-
-    private: bool
-    has_secrets: bool
-    clear: bytes  # packed non-secret attributes of a public object; empty for a private one
-    sealed: bytes
-
-    def header(self) -> bytes:
-        data: bytes = msgpack.packb([FORMAT, self.private, self.has_secrets, self.clear], use_bin_type=True)
-        return data
-
-    def encode(self) -> bytes:
-        data: bytes = msgpack.packb(
-            [FORMAT, self.private, self.has_secrets, self.clear, self.sealed], use_bin_type=True
-        )
-        return data
-
-    @classmethod
-    def decode(cls, value: bytes) -> ObjectRecord:
-        try:
-            fmt, private, has_secrets, clear, sealed = msgpack.unpackb(value, raw=False)
-        except (TypeError, ValueError, msgpack.ExtraData, msgpack.UnpackException) as exc:
-            raise SealError("malformed object record") from exc
-        if fmt != FORMAT or not isinstance(clear, bytes) or not isinstance(sealed, bytes):
-            raise SealError("malformed object record")
-        return cls(bool(private), bool(has_secrets), clear, sealed)
-
-    @classmethod
-    def seal(cls, sealer: Sealer, key: bytes, version: int, attrs: Attributes) -> ObjectRecord:
-        private = attrs.get(CKA.PRIVATE) is True
-        if private:
-            head = cls(True, True, b"", b"")
-            return replace(head, sealed=sealer.seal(key, version, _pack_attrs(attrs.items()), head.header()))
-        secret = [(a, v) for a, v in attrs.items() if _secret(attrs, a)]
-        public = [(a, v) for a, v in attrs.items() if not _secret(attrs, a)]
-        head = cls(False, bool(secret), _pack_attrs(public), b"")
-        return replace(head, sealed=sealer.seal(key, version, _pack_attrs(secret), head.header()))
-
-    def open(self, sealer: Sealer, key: bytes, version: int) -> Attributes:
-        """Every attribute, after checking the seal (and with it the clear part)."""
-        inner = _unpack_attrs(sealer.open(key, version, self.sealed, self.header()))
-        if self.private:
-            return inner
-        return {**_unpack_attrs(self.clear), **inner}
-
-    def public_view(self) -> Attributes | None:
-        """The attributes readable without the master key (unchecked), or None when it holds secrets."""
-        if self.private or self.has_secrets:
-            return None
-        return _unpack_attrs(self.clear)
-
-
-@dataclass
-class _Entry:
-    version: int
-    attrs: Attributes | None  # None: cannot be read now (needs the master key, or damaged)
-
-
 # --- the token store -------------------------------------------------------------------------------------------------------
 
 
@@ -337,7 +182,7 @@ class SoftwareStore(TokenStore):
         self._lock = threading.RLock()
         self._sealer: Sealer | None = None
         self._login_holds_key = False  # unlocked by a PIN (kept until lock()), not only by init_token
-        self._entries: dict[bytes, _Entry] = {}
+        self._entries: dict[bytes, Entry] = {}
         self._meta = self._read_meta()
         self._describe()
         self._load_entries()
@@ -389,7 +234,7 @@ class SoftwareStore(TokenStore):
     def _record_key(oid: bytes) -> bytes:
         return OBJECT_PREFIX + oid
 
-    def _read_entry(self, key: bytes, record: Record, sealer: Sealer | None) -> _Entry:
+    def _read_entry(self, key: bytes, record: Record, sealer: Sealer | None) -> Entry:
         """An entry for a stored record: opened with ``sealer`` when given, else what is public."""
         try:
             obj = ObjectRecord.decode(record.value)
@@ -400,19 +245,19 @@ class SoftwareStore(TokenStore):
         except Exception as exc:  # a decoding error of the attribute codec (AttributeValueInvalid)
             log.error("token %s: object record %s cannot be decoded: %s", self.namespace, key.hex(), exc)
             attrs = None
-        return _Entry(record.version, attrs)
+        return Entry(record.version, attrs)
 
     def _load_entries(self) -> None:
         with self._lock:
             sealer = self._sealer
-        entries: dict[bytes, _Entry] = {}
+        entries: dict[bytes, Entry] = {}
         for key, record in self.raw.scan(self.namespace):
             if key.startswith(OBJECT_PREFIX):
                 entry = self._read_entry(key, record, sealer)
                 seen = self._entries.get(key[len(OBJECT_PREFIX) :])
                 if seen is not None and record.version < seen.version:
                     log.error("token %s: object record %s went back in version: ignored", self.namespace, key.hex())
-                    entry = _Entry(seen.version, None)
+                    entry = Entry(seen.version, None)
                 entries[key[len(OBJECT_PREFIX) :]] = entry
         with self._lock:
             self._entries = entries
@@ -628,13 +473,13 @@ class SoftwareStore(TokenStore):
             sealer.wipe()
             # Forget what only the master key could read; public objects stay.
             self._entries = {
-                oid: entry if entry.attrs is None or not self._needs_key(entry.attrs) else _Entry(entry.version, None)
+                oid: entry if entry.attrs is None or not self._needs_key(entry.attrs) else Entry(entry.version, None)
                 for oid, entry in self._entries.items()
             }
 
     @staticmethod
     def _needs_key(attrs: Attributes) -> bool:
-        return attrs.get(CKA.PRIVATE) is True or any(_secret(attrs, a) for a in attrs)
+        return attrs.get(CKA.PRIVATE) is True or any(is_secret(attrs, a) for a in attrs)
 
     # --- TokenStore: objects -------------------------------------------------------------------------------------
 
@@ -677,7 +522,7 @@ class SoftwareStore(TokenStore):
             expected = ABSENT if seen is None else seen.version
             value = ObjectRecord.seal(sealer, key, expected + 1, attrs).encode()
             version = self.raw.put(self.namespace, key, value, expected)
-            self._entries[oid] = _Entry(version, dict(attrs))
+            self._entries[oid] = Entry(version, dict(attrs))
 
     def delete_object(self, oid: bytes) -> None:
         with self._lock:
