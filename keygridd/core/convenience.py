@@ -56,7 +56,7 @@ class ConvenienceFunctions(CryptoFunctions):
                         "description": token.description,
                         "provider": token.provider,
                         "token_present": token.ready,
-                        "token_label": token.label or "",
+                        "token_label": token.info.get("label", token.label or ""),
                         "initialized": True,
                         "ready": token.ready,
                     }

@@ -411,6 +411,7 @@ def test_init_token_and_pin_through_keygrid(
     expect(CKR.TOKEN_NOT_RECOGNIZED, client.C_OpenSession, 0, RW)
     client.C_InitToken(0, SO_PIN, b"fresh".ljust(32, b" "))
     assert client.C_GetTokenInfo(0)["label"] == "fresh"
+    assert status(client, 0)["token_label"] == "fresh"  # what the module says, not the configured ''
     s = client.C_OpenSession(0, RW)
     client.C_Login(s, CKU.SO, SO_PIN)
     client.C_InitPIN(s, b"first-pin")
