@@ -182,6 +182,18 @@ def octet_string_content(der: bytes) -> bytes:
     return der[start:]
 
 
+def check_mac(p11: Any, session: int, mechanism: Mechanism, key: int, data: bytes, expected: bytes) -> None:
+    """A MAC (HMAC, CMAC) is ``expected`` single-part and multi-part, and verifies."""
+    p11.C_SignInit(session, mechanism, key)
+    assert p11.C_Sign(session, data) == expected
+    p11.C_SignInit(session, mechanism, key)
+    p11.C_SignUpdate(session, data[:3])
+    p11.C_SignUpdate(session, data[3:])
+    assert p11.C_SignFinal(session) == expected
+    p11.C_VerifyInit(session, mechanism, key)
+    p11.C_Verify(session, data, expected)
+
+
 def read_attrs(p11: Any, session: int, obj: int, *types: int) -> list[Any]:
     """C_GetAttributeValue of several attributes."""
     return list(p11.C_GetAttributeValue(session, obj, list(types)))

@@ -87,7 +87,7 @@ Meta = list[AttrValue | None]
 
 def _check(name: str, rv: int) -> None:
     if rv != CKR.OK:
-        raise error_for(rv)(name)
+        raise error_for(rv)(f"{name}: the module's answer")
 
 
 def _unsupported(name: str) -> Callable[..., Any]:
