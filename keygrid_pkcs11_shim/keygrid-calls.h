@@ -83,85 +83,90 @@ enum kg_method {
 	KG_M_COUNT
 };
 
+/* How the daemon orders a call (keygridd.protocol.calls.Lock). */
+#define KG_LOCK_NONE 0
+#define KG_LOCK_SESSION 1
+#define KG_LOCK_APP 2
+
 struct kg_method_info {
 	const char *name;
-	unsigned char nargs;
+	unsigned char nargs, lock;
 };
 
 #define KG_METHODS_INIT \
-	{"hello", 1}, \
-	{"C_GetInfo", 0}, \
-	{"C_GetSlotList", 1}, \
-	{"C_GetSlotInfo", 1}, \
-	{"C_GetTokenInfo", 1}, \
-	{"C_WaitForSlotEvent", 1}, \
-	{"C_GetMechanismList", 1}, \
-	{"C_GetMechanismInfo", 2}, \
-	{"C_InitToken", 3}, \
-	{"C_InitPIN", 2}, \
-	{"C_SetPIN", 3}, \
-	{"C_OpenSession", 2}, \
-	{"C_CloseSession", 1}, \
-	{"C_CloseAllSessions", 1}, \
-	{"C_GetSessionInfo", 1}, \
-	{"C_GetOperationState", 1}, \
-	{"C_SetOperationState", 4}, \
-	{"C_Login", 3}, \
-	{"C_Logout", 1}, \
-	{"C_CreateObject", 2}, \
-	{"C_CopyObject", 3}, \
-	{"C_DestroyObject", 2}, \
-	{"C_GetObjectSize", 2}, \
-	{"C_GetAttributeValue", 3}, \
-	{"C_SetAttributeValue", 3}, \
-	{"C_FindObjectsInit", 2}, \
-	{"C_FindObjects", 2}, \
-	{"C_FindObjectsFinal", 1}, \
-	{"C_EncryptInit", 3}, \
-	{"C_Encrypt", 3}, \
-	{"C_EncryptUpdate", 3}, \
-	{"C_EncryptFinal", 2}, \
-	{"C_DecryptInit", 3}, \
-	{"C_Decrypt", 3}, \
-	{"C_DecryptUpdate", 3}, \
-	{"C_DecryptFinal", 2}, \
-	{"C_DigestInit", 2}, \
-	{"C_Digest", 3}, \
-	{"C_DigestUpdate", 2}, \
-	{"C_DigestKey", 2}, \
-	{"C_DigestFinal", 2}, \
-	{"C_SignInit", 3}, \
-	{"C_Sign", 3}, \
-	{"C_SignUpdate", 2}, \
-	{"C_SignFinal", 2}, \
-	{"C_SignRecoverInit", 3}, \
-	{"C_SignRecover", 3}, \
-	{"C_VerifyInit", 3}, \
-	{"C_Verify", 3}, \
-	{"C_VerifyUpdate", 2}, \
-	{"C_VerifyFinal", 2}, \
-	{"C_VerifyRecoverInit", 3}, \
-	{"C_VerifyRecover", 3}, \
-	{"C_DigestEncryptUpdate", 3}, \
-	{"C_DecryptDigestUpdate", 3}, \
-	{"C_SignEncryptUpdate", 3}, \
-	{"C_DecryptVerifyUpdate", 3}, \
-	{"C_GenerateKey", 3}, \
-	{"C_GenerateKeyPair", 4}, \
-	{"C_WrapKey", 5}, \
-	{"C_UnwrapKey", 5}, \
-	{"C_DeriveKey", 4}, \
-	{"C_SeedRandom", 2}, \
-	{"C_GenerateRandom", 2}, \
-	{"C_GetFunctionStatus", 1}, \
-	{"C_CancelFunction", 1}, \
-	{"KG_Ping", 0}, \
-	{"KG_Status", 0}, \
-	{"KG_Sign", 4}, \
-	{"KG_Verify", 5}, \
-	{"KG_Encrypt", 4}, \
-	{"KG_Decrypt", 4}, \
-	{"KG_GetPublicKey", 2}, \
+	{"hello", 1, KG_LOCK_NONE}, \
+	{"C_GetInfo", 0, KG_LOCK_NONE}, \
+	{"C_GetSlotList", 1, KG_LOCK_NONE}, \
+	{"C_GetSlotInfo", 1, KG_LOCK_NONE}, \
+	{"C_GetTokenInfo", 1, KG_LOCK_NONE}, \
+	{"C_WaitForSlotEvent", 1, KG_LOCK_NONE}, \
+	{"C_GetMechanismList", 1, KG_LOCK_NONE}, \
+	{"C_GetMechanismInfo", 2, KG_LOCK_NONE}, \
+	{"C_InitToken", 3, KG_LOCK_APP}, \
+	{"C_InitPIN", 2, KG_LOCK_APP}, \
+	{"C_SetPIN", 3, KG_LOCK_APP}, \
+	{"C_OpenSession", 2, KG_LOCK_APP}, \
+	{"C_CloseSession", 1, KG_LOCK_APP}, \
+	{"C_CloseAllSessions", 1, KG_LOCK_APP}, \
+	{"C_GetSessionInfo", 1, KG_LOCK_SESSION}, \
+	{"C_GetOperationState", 1, KG_LOCK_SESSION}, \
+	{"C_SetOperationState", 4, KG_LOCK_SESSION}, \
+	{"C_Login", 3, KG_LOCK_APP}, \
+	{"C_Logout", 1, KG_LOCK_APP}, \
+	{"C_CreateObject", 2, KG_LOCK_SESSION}, \
+	{"C_CopyObject", 3, KG_LOCK_SESSION}, \
+	{"C_DestroyObject", 2, KG_LOCK_SESSION}, \
+	{"C_GetObjectSize", 2, KG_LOCK_SESSION}, \
+	{"C_GetAttributeValue", 3, KG_LOCK_SESSION}, \
+	{"C_SetAttributeValue", 3, KG_LOCK_SESSION}, \
+	{"C_FindObjectsInit", 2, KG_LOCK_SESSION}, \
+	{"C_FindObjects", 2, KG_LOCK_SESSION}, \
+	{"C_FindObjectsFinal", 1, KG_LOCK_SESSION}, \
+	{"C_EncryptInit", 3, KG_LOCK_SESSION}, \
+	{"C_Encrypt", 3, KG_LOCK_SESSION}, \
+	{"C_EncryptUpdate", 3, KG_LOCK_SESSION}, \
+	{"C_EncryptFinal", 2, KG_LOCK_SESSION}, \
+	{"C_DecryptInit", 3, KG_LOCK_SESSION}, \
+	{"C_Decrypt", 3, KG_LOCK_SESSION}, \
+	{"C_DecryptUpdate", 3, KG_LOCK_SESSION}, \
+	{"C_DecryptFinal", 2, KG_LOCK_SESSION}, \
+	{"C_DigestInit", 2, KG_LOCK_SESSION}, \
+	{"C_Digest", 3, KG_LOCK_SESSION}, \
+	{"C_DigestUpdate", 2, KG_LOCK_SESSION}, \
+	{"C_DigestKey", 2, KG_LOCK_SESSION}, \
+	{"C_DigestFinal", 2, KG_LOCK_SESSION}, \
+	{"C_SignInit", 3, KG_LOCK_SESSION}, \
+	{"C_Sign", 3, KG_LOCK_SESSION}, \
+	{"C_SignUpdate", 2, KG_LOCK_SESSION}, \
+	{"C_SignFinal", 2, KG_LOCK_SESSION}, \
+	{"C_SignRecoverInit", 3, KG_LOCK_SESSION}, \
+	{"C_SignRecover", 3, KG_LOCK_SESSION}, \
+	{"C_VerifyInit", 3, KG_LOCK_SESSION}, \
+	{"C_Verify", 3, KG_LOCK_SESSION}, \
+	{"C_VerifyUpdate", 2, KG_LOCK_SESSION}, \
+	{"C_VerifyFinal", 2, KG_LOCK_SESSION}, \
+	{"C_VerifyRecoverInit", 3, KG_LOCK_SESSION}, \
+	{"C_VerifyRecover", 3, KG_LOCK_SESSION}, \
+	{"C_DigestEncryptUpdate", 3, KG_LOCK_SESSION}, \
+	{"C_DecryptDigestUpdate", 3, KG_LOCK_SESSION}, \
+	{"C_SignEncryptUpdate", 3, KG_LOCK_SESSION}, \
+	{"C_DecryptVerifyUpdate", 3, KG_LOCK_SESSION}, \
+	{"C_GenerateKey", 3, KG_LOCK_SESSION}, \
+	{"C_GenerateKeyPair", 4, KG_LOCK_SESSION}, \
+	{"C_WrapKey", 5, KG_LOCK_SESSION}, \
+	{"C_UnwrapKey", 5, KG_LOCK_SESSION}, \
+	{"C_DeriveKey", 4, KG_LOCK_SESSION}, \
+	{"C_SeedRandom", 2, KG_LOCK_SESSION}, \
+	{"C_GenerateRandom", 2, KG_LOCK_SESSION}, \
+	{"C_GetFunctionStatus", 1, KG_LOCK_SESSION}, \
+	{"C_CancelFunction", 1, KG_LOCK_SESSION}, \
+	{"KG_Ping", 0, KG_LOCK_NONE}, \
+	{"KG_Status", 0, KG_LOCK_NONE}, \
+	{"KG_Sign", 4, KG_LOCK_NONE}, \
+	{"KG_Verify", 5, KG_LOCK_NONE}, \
+	{"KG_Encrypt", 4, KG_LOCK_NONE}, \
+	{"KG_Decrypt", 4, KG_LOCK_NONE}, \
+	{"KG_GetPublicKey", 2, KG_LOCK_NONE}, \
 
 
 /* Attribute value kinds (keygridd.pkcs11.attributes.Kind); unlisted types are BYTES. */

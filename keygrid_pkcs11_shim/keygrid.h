@@ -155,7 +155,7 @@ CK_RV kg_check_live(void); /* initialised in this process */
 
 struct kg_config {
 	char socket[108];
-	int connect_timeout_ms, call_timeout_ms, debug;
+	int connect_timeout_ms, call_timeout_ms, busy_poll_us, defer_init, debug;
 };
 
 void kg_config_load(struct kg_config *cfg);
@@ -182,7 +182,7 @@ struct kg_call {
 
 #define KG_GEN_NONE 0u
 CK_RV kg_call_begin(struct kg_call *c, enum kg_method m, uint32_t gen);
-CK_RV kg_call_run(struct kg_call *c);
+CK_RV kg_call_run(struct kg_call *c);                /* defer_init: an init may be queued instead (CKR_OK, no reply) */
 CK_RV kg_parse_reply(struct kg_call *c, size_t len); /* c->reply holds one frame body */
 void kg_call_end(struct kg_call *c);
 uint32_t kg_current_gen(void);

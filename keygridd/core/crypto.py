@@ -56,10 +56,10 @@ from keygridd.pkcs11.params import Mechanism
 Out = list[Any]  # [output bytes or nil, length]
 
 _USAGE = {
-    OpKind.ENCRYPT: (CKA.ENCRYPT, MechanismFlag.ENCRYPT, "encrypt_init"),
-    OpKind.DECRYPT: (CKA.DECRYPT, MechanismFlag.DECRYPT, "decrypt_init"),
-    OpKind.SIGN: (CKA.SIGN, MechanismFlag.SIGN, "sign_init"),
-    OpKind.VERIFY: (CKA.VERIFY, MechanismFlag.VERIFY, "verify_init"),
+    OpKind.ENCRYPT: (CKA.ENCRYPT, int(MechanismFlag.ENCRYPT), "encrypt_init"),
+    OpKind.DECRYPT: (CKA.DECRYPT, int(MechanismFlag.DECRYPT), "decrypt_init"),
+    OpKind.SIGN: (CKA.SIGN, int(MechanismFlag.SIGN), "sign_init"),
+    OpKind.VERIFY: (CKA.VERIFY, int(MechanismFlag.VERIFY), "verify_init"),
 }
 
 

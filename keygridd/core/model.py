@@ -14,7 +14,7 @@ import gc
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from keygridd.core.store import Attributes, TokenStore
@@ -80,7 +80,7 @@ def new_oid() -> bytes:
     return secrets.token_bytes(16)
 
 
-class OpKind(Enum):
+class OpKind(StrEnum):  # str's hash: ops dicts are looked up on every call
     FIND = "find"
     ENCRYPT = "encrypt"
     DECRYPT = "decrypt"

@@ -22,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidSignature
@@ -87,6 +88,12 @@ class _RawHash(hashes.HashAlgorithm):
     @property
     def digest_size(self) -> int:
         return self._size
+
+
+@functools.cache
+def _raw_ecdsa(size: int) -> ec.ECDSA:
+    """ECDSA over an input of ``size`` bytes taken as the hash value (one object per size, reused)."""
+    return ec.ECDSA(utils.Prehashed(_RawHash(size)))
 
 
 class _EcMechanism(Mechanism):
@@ -170,7 +177,7 @@ class Ecdsa(_EcMechanism):
 
         def sign(data: bytes) -> bytes:
             _check_input(data)
-            return _to_raw(priv.sign(data, ec.ECDSA(utils.Prehashed(_RawHash(len(data))))), curve)
+            return _to_raw(priv.sign(data, _raw_ecdsa(len(data))), curve)
 
         return SingleSign(2 * curve.order_bytes, sign)
 

@@ -48,6 +48,16 @@ class FrameReader:
         del buffer[:end]
         return body
 
+    def peek_frame(self) -> bytes | None:
+        """The next complete frame body, left in place; None if there is none (or the length is bad)."""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return None
+        (length,) = HEADER.unpack_from(buffer)
+        if length == 0 or length > self.max_frame or len(buffer) < 4 + length:
+            return None
+        return bytes(buffer[4 : 4 + length])
+
     def has_frame(self) -> bool:
         """Is a complete frame (or a framing error) waiting to be taken?"""
         buffer = self._buffer

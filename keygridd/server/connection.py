@@ -24,9 +24,10 @@ from keygridd.core.offload import Forward
 from keygridd.pkcs11 import CKR
 from keygridd.pkcs11.errors import PKCS11Error
 from keygridd.protocol import codec
-from keygridd.protocol.calls import FEATURES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Lock
+from keygridd.protocol.calls import BY_NAME, FEATURES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Lock
 from keygridd.protocol.framing import FrameReader, FramingError, encode_frame
 from keygridd.server.dispatch import Dispatcher, Pending
+from keygridd.server.rawstream import RawStream
 
 log = logging.getLogger("keygridd.connection")
 
@@ -127,6 +128,13 @@ class Connection:
             await self.write(data)
 
     async def write(self, frame: bytes) -> None:
+        if isinstance(self.stream, RawStream) and not self.send_lock.locked():
+            # Nobody else is writing and nothing below awaits before the send: no lock needed
+            # unless the socket takes only part of the frame.
+            sent = self.stream.send_nowait(frame)
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
         try:
             self.send_lock.acquire_nowait()
         except trio.WouldBlock:
@@ -263,10 +271,15 @@ class Connection:
                     rv, result, text = outcome
                     await self.answer([codec.RESPONSE, msgid, int(rv), result, text])
                     continue
-                if outcome.request is not None and isinstance(outcome.request, Forward) and not self.reader.has_frame():
-                    # A module call with nothing else of this connection waiting: await it here rather than
-                    # in a task of its own (the shim makes one call at a time per connection). What the
-                    # connection sends meanwhile is read once the call is done.
+                if (
+                    outcome.request is not None
+                    and isinstance(outcome.request, Forward)
+                    and (not self.reader.has_frame() or self.next_request_waits_for(key))
+                ):
+                    # A module call with nothing else of this connection waiting, or only a request of the
+                    # same session (the module's deferred inits come with the call after them): await it
+                    # here rather than in a task of its own (the shim makes one call at a time per
+                    # connection). What the connection sends meanwhile is read once the call is done.
                     rv, result, text = await self.dispatcher.finish(outcome)
                     await self.answer([codec.RESPONSE, msgid, int(rv), result, text])
                     continue
@@ -278,6 +291,23 @@ class Connection:
             if key is not None:
                 self.tails[key] = done
             nursery.start_soon(self.run_request, app, msgid, call, args, started, previous, done, key)
+
+    def next_request_waits_for(self, key: Any) -> bool:
+        """Is the next buffered request one of the session ``key`` names, so that it waits for the
+        call before it anyway? (The frame stays buffered; anything unexpected answers no.)"""
+        if key is None or key[0] != "session":
+            return False
+        body = self.reader.peek_frame()
+        if body is None:
+            return False
+        try:
+            message = codec.unpack(body)
+        except ValueError:
+            return False
+        if not _is_request(message) or type(message[3]) is not list or not message[3]:
+            return False
+        call = BY_NAME.get(message[2]) if isinstance(message[2], str) else None
+        return call is not None and call.lock is Lock.SESSION and message[3][0] == key[1]
 
     async def answer(self, message: list[Any]) -> None:
         """Reply from the reading loop: held back while the client has pipelined more requests,

@@ -28,6 +28,7 @@ from keygridd.core.model import Peer, Slot
 from keygridd.core.remote import RemoteToken
 from keygridd.pkcs11 import CKU
 from keygridd.providers.base import PassthroughProvider, Provider
+from keygridd.server.busypoll import BusyPoll
 from keygridd.server.connection import Applications, Connection
 from keygridd.server.dispatch import Dispatcher
 from keygridd.server.listener import notify, open_socket, peer_of
@@ -97,6 +98,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
         daemon.core, daemon.providers, trio.CapacityLimiter(server.worker_threads), server.max_attributes
     )
     apps = Applications(dispatcher)
+    busy_poll = BusyPoll(server.busy_poll_microseconds)
     sock, activated = open_socket(server.socket, server.socket_mode, server.socket_group)
     sock.setblocking(False)
     connections: set[Connection] = set()
@@ -111,7 +113,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
             sock.close()
 
     async def handle(client: socket.socket) -> None:
-        stream = RawStream(client)
+        stream = RawStream(client, busy_poll)
         try:
             peer = peer_of(client)
         except OSError:
@@ -179,6 +181,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
     finally:
         notify("STOPPING=1")
         close_listener()
+        busy_poll.close()
         if not activated:
             with contextlib.suppress(OSError):
                 os.unlink(server.socket)

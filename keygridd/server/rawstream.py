@@ -4,8 +4,9 @@
 receive (a checkpoint each), which costs more than the call itself for fast
 operations. ``RawStream`` tries the non-blocking system call first and only
 waits for readiness (``trio.lowlevel.wait_readable`` / ``wait_writable``,
-which are checkpoints) when the socket would block. The connection keeps the
-loop fair by yielding after a run of requests that never had to wait
+which are checkpoints) when the socket would block, after busy polling for a
+moment when the loop is otherwise idle (``BusyPoll``). The connection keeps
+the loop fair by yielding after a run of requests that never had to wait
 (``Connection.MAX_UNYIELDED``).
 """
 
@@ -15,14 +16,19 @@ import socket
 
 import trio
 
+from keygridd.server.busypoll import BusyPoll
+
 
 class RawStream(trio.abc.HalfCloseableStream):
     """A non-blocking stdlib socket driven by trio's readiness waits."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, busy_poll: BusyPoll | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._closed = False
+        self._busy_poll = busy_poll
+        if busy_poll is not None:
+            busy_poll.watch(sock)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while True:
@@ -31,9 +37,24 @@ class RawStream(trio.abc.HalfCloseableStream):
             try:
                 return self.sock.recv(max_bytes or 65536)
             except BlockingIOError:
+                if self._busy_poll is not None:
+                    data = self._busy_poll.receive(self.sock, max_bytes or 65536)
+                    if data is not None:
+                        return data
                 await trio.lowlevel.wait_readable(self.sock)
             except (ConnectionResetError, BrokenPipeError) as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
+
+    def send_nowait(self, data: bytes) -> int:
+        """Bytes of ``data`` the socket took without waiting (0 when it would block)."""
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -62,6 +83,8 @@ class RawStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._busy_poll is not None:
+                self._busy_poll.forget(self.sock)
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
         await trio.lowlevel.checkpoint()

@@ -221,6 +221,29 @@ def test_missing_module_leaves_its_slot_not_ready_and_the_daemon_serving(
 # --- faults ----------------------------------------------------------------------------------------------
 
 
+def test_pipelined_calls_on_a_pkcs11_slot(daemon_factory: Any, softhsm: str, clients: Callable[[Any], Client]) -> None:
+    """C_SignInit and C_Sign written together (as the module sends a deferred init): the daemon awaits the
+    module's init before it reads the sign, keeps the order, and reports a failed init at the init."""
+    daemon = daemon_factory(config(softhsm), name="pkcs11-pipeline")
+    client = clients(daemon)
+    s = client.C_OpenSession(0, RW)
+    client.C_Login(s, CKU.USER, USER_PIN)
+    pub, priv = key_pair(client, s, b"pipelined")
+    for _ in range(3):
+        _, signature = client.pipeline(("C_SignInit", [s, Mechanism(CKM.ECDSA), priv]), ("C_Sign", [s, DIGEST, None]))
+        assert verifies(client, s, pub, signature)
+    # The public key cannot sign: the init fails in the module, and the sign after it finds no operation.
+    with pytest.raises(PKCS11Error) as info:
+        client.pipeline(("C_SignInit", [s, Mechanism(CKM.ECDSA), pub]), ("C_Sign", [s, DIGEST, None]))
+    assert info.value.rv in (CKR.KEY_TYPE_INCONSISTENT, CKR.KEY_FUNCTION_NOT_PERMITTED)
+    expect(CKR.OPERATION_NOT_INITIALIZED, client.C_Sign, s, DIGEST)
+    # Two sessions in one write: each call still gets its own answer.
+    other = client.C_OpenSession(0, RW)
+    first, second = client.pipeline(("C_GenerateRandom", [s, 16]), ("C_GenerateRandom", [other, 24]))
+    assert len(first) == 16 and len(second) == 24
+    assert verifies(client, s, pub, sign(client, s, priv))
+
+
 def test_worker_killed_mid_sign(
     daemon_factory: Any, softhsm: str, fault_module: str, clients: Callable[[Any], Client]
 ) -> None:

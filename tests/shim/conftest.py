@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from daemon_process import Daemon
+from fakedaemon import Fake
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM_DIR = ROOT / "keygrid_pkcs11_shim"
@@ -49,3 +50,11 @@ def absent_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[D
     monkeypatch.setenv("KEYGRID_PKCS11_CONF", str(tmp_path / "absent.conf"))
     yield d
     d.stop()
+
+
+@pytest.fixture
+def fake(tmp_path: Path, shim_lib: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
+    monkeypatch.delenv("KEYGRID_SOCKET", raising=False)
+    f = Fake(tmp_path, shim_lib, monkeypatch)
+    yield f
+    f.close()

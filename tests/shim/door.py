@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from ctypes import byref, c_ubyte, c_ulong, sizeof
 from typing import Any
 
@@ -570,4 +571,22 @@ class ShimDoor:
         self._call("C_CancelFunction", CK_ULONG(session))
 
 
-__all__ = ["CK_ATTRIBUTE", "CK_MECHANISM", "CK_TOKEN_INFO", "ShimDoor", "text"]
+def in_threads(work: Callable[[], None], count: int, timeout: float = 60.0) -> list[BaseException]:
+    """Runs ``work`` in ``count`` threads at once; returns what they raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors
+
+
+__all__ = ["CK_ATTRIBUTE", "CK_MECHANISM", "CK_TOKEN_INFO", "ShimDoor", "in_threads", "text"]

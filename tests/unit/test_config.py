@@ -49,6 +49,7 @@ def test_defaults() -> None:
     assert settings.server.max_connections == 256
     assert settings.server.worker_threads == 8
     assert settings.server.shutdown_grace_seconds == 10.0
+    assert settings.server.busy_poll_microseconds == 100
     assert settings.logging == LoggingSettings(level="info", format="text")
     (slot,) = settings.slots
     assert slot.id == 0 and slot.provider == "memory" and slot.token is None
@@ -194,6 +195,8 @@ ERROR_CASES: list[tuple[str, str, dict[str, str], str, str]] = [
     ("slots not a list", "slots: {provider: m}\n", {}, "slots", "expected a list"),
     ("range low", "server: {max_frame_bytes: 100}\n" + MINIMAL, {}, "server.max_frame_bytes", "must be >= 4096"),
     ("range high", "server: {max_frame_bytes: 67108865}\n" + MINIMAL, {}, "server.max_frame_bytes", "must be <= 67108864"),
+    ("busy poll range", "server: {busy_poll_microseconds: 10001}\n" + MINIMAL, {}, "server.busy_poll_microseconds", "must be <= 10000"),
+    ("busy poll negative", "server: {busy_poll_microseconds: -1}\n" + MINIMAL, {}, "server.busy_poll_microseconds", "must be >= 0"),
     ("slot id range", "slots: [{provider: m, id: 4294967296}]\n", {}, "slots[0].id", "must be <="),
     ("choice", "logging: {level: loud}\n" + MINIMAL, {}, "logging.level", "must be one of 'debug', 'info'"),
     ("bad mode", "server: {socket_mode: '0999'}\n" + MINIMAL, {}, "server.socket_mode", "octal mode"),

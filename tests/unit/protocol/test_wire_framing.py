@@ -71,3 +71,24 @@ def test_error_after_a_good_frame() -> None:
     assert reader.next_frame() == b"a"
     with pytest.raises(FramingError):
         reader.next_frame()
+
+
+def test_peek_leaves_the_frame_in_place() -> None:
+    reader = FrameReader(max_frame=8)
+    assert reader.peek_frame() is None
+    reader.feed(b"\x00\x00\x00\x02ab" + b"\x00\x00\x00\x03c")
+    assert reader.peek_frame() == b"ab"
+    assert reader.peek_frame() == b"ab"
+    assert reader.next_frame() == b"ab"
+    assert reader.peek_frame() is None  # the next frame is not complete yet
+    reader.feed(b"de")
+    assert reader.peek_frame() == b"cde"
+    assert reader.next_frame() == b"cde"
+
+
+def test_peek_at_a_bad_length_is_none_and_next_frame_still_refuses_it() -> None:
+    reader = FrameReader(max_frame=8)
+    reader.feed(b"\x00\x00\x00\x09" + b"z" * 9)
+    assert reader.peek_frame() is None
+    with pytest.raises(FramingError):
+        reader.next_frame()

@@ -1,0 +1,69 @@
+"""Busy polling: waiting a few microseconds for a client's next request without sleeping.
+
+A client that makes one call after another (a signature is ``C_SignInit``
+then ``C_Sign``) sends its next request a few microseconds after it reads a
+reply. Sleeping in trio's epoll until then costs more than the call itself on
+a virtual machine: the kernel parks the loop's thread, wakes it, and trio's
+scheduler runs once more. So when a connection has nothing to read and the
+loop has nothing else to run, it polls for up to ``microseconds`` before it
+waits the usual way.
+
+Polling must never keep the loop from another client: it stops as soon as
+any other connection has something to read (one level-triggered epoll set
+holds every connection, checked with a zero timeout on each turn) or a task
+becomes runnable, and it is bounded in time. With ``microseconds = 0`` the
+daemon never polls.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+import trio
+
+
+class BusyPoll:
+    """Polls a connection's socket for a short while when nothing else needs the loop."""
+
+    def __init__(self, microseconds: int) -> None:
+        self.budget = microseconds / 1_000_000
+        self._others = select.epoll() if microseconds > 0 else None
+
+    def watch(self, sock: socket.socket) -> None:
+        """Include a connection in the set whose readiness stops a poll."""
+        if self._others is not None:
+            self._others.register(sock.fileno(), select.EPOLLIN)
+
+    def forget(self, sock: socket.socket) -> None:
+        """Drop a connection before its socket is closed."""
+        if self._others is not None:
+            try:
+                self._others.unregister(sock.fileno())
+            except (OSError, ValueError):
+                pass  # never watched, or already closed
+
+    def receive(self, sock: socket.socket, size: int) -> bytes | None:
+        """What ``sock`` receives within the budget, or None: nothing came, or the loop has other work."""
+        others = self._others
+        if others is None or trio.lowlevel.current_statistics().tasks_runnable:
+            return None
+        fd = sock.fileno()
+        end = time.perf_counter() + self.budget
+        while True:
+            ready = others.poll(0)
+            if ready:
+                if any(ready_fd != fd for ready_fd, _ in ready):
+                    return None  # another client is waiting: the loop serves it first
+                try:
+                    return sock.recv(size)
+                except BlockingIOError:
+                    return None  # readiness without data (a spurious wakeup): wait the usual way
+            if time.perf_counter() >= end:
+                return None
+
+    def close(self) -> None:
+        if self._others is not None:
+            self._others.close()
+            self._others = None
