@@ -120,7 +120,7 @@ void kg_config_load(struct kg_config *cfg)
 	snprintf(cfg->socket, sizeof(cfg->socket), "%s", "/run/keygrid/keygrid.sock");
 	cfg->connect_timeout_ms = 5000;
 	cfg->call_timeout_ms = 60000;
-	cfg->busy_poll_us = 100;
+	cfg->busy_poll_us = 250;
 	FILE *f = fopen(path && *path ? path : "/etc/keygrid/pkcs11.conf", "re");
 	while (f && fgets(line, sizeof(line), f)) {
 		char *eq = strchr(line, '=');

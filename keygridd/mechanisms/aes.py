@@ -29,7 +29,8 @@ from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import padding
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keygridd.mechanisms.base import (
     LoadedKey,
@@ -210,21 +211,34 @@ class AesCtr(Mechanism):
 
 
 class _GcmEncrypt:
+    """Single-part encryption is one AEAD call; the streaming context is made only for C_EncryptUpdate.
+    A shorter tag is the full tag's leading bytes (SP 800-38D 5.2.1.2)."""
+
     def __init__(self, key: bytes, p: GcmParams) -> None:
-        self._ctx = Cipher(algorithms.AES(key), modes.GCM(p.iv)).encryptor()
-        if p.aad:
-            self._ctx.authenticate_additional_data(p.aad)
+        self._key, self._p = key, p
+        self._ctx: AEADEncryptionContext | None = None
         self._tag_len = p.tag_bits // 8
 
+    def _stream(self) -> AEADEncryptionContext:
+        if self._ctx is None:
+            self._ctx = Cipher(algorithms.AES(self._key), modes.GCM(self._p.iv)).encryptor()
+            if self._p.aad:
+                self._ctx.authenticate_additional_data(self._p.aad)
+        return self._ctx
+
     def update(self, data: bytes) -> bytes:
-        return self._ctx.update(data)
+        return self._stream().update(data)
 
     def final(self) -> bytes:
-        tail = self._ctx.finalize()
-        return tail + self._ctx.tag[: self._tag_len]
+        ctx = self._stream()
+        tail = ctx.finalize()
+        return tail + ctx.tag[: self._tag_len]
 
     def one_shot(self, data: bytes) -> bytes:
-        return self.update(data) + self.final()
+        if self._ctx is not None:
+            return self.update(data) + self.final()
+        sealed = AESGCM(self._key).encrypt(self._p.iv, data, self._p.aad or None)
+        return sealed[: len(sealed) - 16 + self._tag_len]
 
     def update_length(self, n: int) -> int:
         return n

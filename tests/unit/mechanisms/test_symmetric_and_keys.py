@@ -109,6 +109,19 @@ def test_aes_errors() -> None:
         get(CKM.AES_ECB).sign_init(key, None)
 
 
+@pytest.mark.parametrize("tag_bits", [32, 64, 96, 104, 112, 120, 128])
+@pytest.mark.parametrize("aad", [b"", b"header"])
+def test_gcm_single_part_equals_multi_part(tag_bits: int, aad: bytes) -> None:
+    """C_Encrypt takes one AEAD call, C_EncryptUpdate/Final a stream: the same bytes, any tag length."""
+    key, p = secret(bytes(range(32))), GcmParams(iv=bytes(range(12)), aad=aad, tag_bits=tag_bits)
+    data = bytes(range(100))
+    one = get(CKM.AES_GCM).encrypt_init(key, p).one_shot(data)
+    ctx = get(CKM.AES_GCM).encrypt_init(key, p)
+    assert one == ctx.update(data[:33]) + ctx.update(data[33:]) + ctx.final()
+    assert len(one) == len(data) + tag_bits // 8
+    assert get(CKM.AES_GCM).decrypt_init(key, p).one_shot(one) == data
+
+
 def test_gcm_tag_checked_before_release() -> None:
     key, p = secret(bytes(16)), GcmParams(iv=bytes(12))
     ct = get(CKM.AES_GCM).encrypt_init(key, p).one_shot(b"attack at dawn")

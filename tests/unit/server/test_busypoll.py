@@ -23,7 +23,7 @@ def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
 
 
 async def test_a_request_already_sent_is_taken(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
-    poll = BusyPoll(100)
+    poll = BusyPoll(100, quiet=0)
     (ours, client), (other, _) = pairs
     poll.watch(ours)
     poll.watch(other)
@@ -33,7 +33,7 @@ async def test_a_request_already_sent_is_taken(pairs: list[tuple[socket.socket, 
 
 
 async def test_nothing_comes_within_the_budget(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
-    poll = BusyPoll(200)
+    poll = BusyPoll(200, quiet=0)
     (ours, _), _ = pairs
     poll.watch(ours)
     assert poll.receive(ours, 4096) is None
@@ -41,7 +41,7 @@ async def test_nothing_comes_within_the_budget(pairs: list[tuple[socket.socket, 
 
 
 async def test_another_ready_connection_stops_the_poll(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
-    poll = BusyPoll(10_000)
+    poll = BusyPoll(10_000, quiet=0)
     (ours, client), (other, other_client) = pairs
     poll.watch(ours)
     poll.watch(other)
@@ -54,7 +54,7 @@ async def test_another_ready_connection_stops_the_poll(pairs: list[tuple[socket.
 
 
 async def test_a_runnable_task_stops_the_poll(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
-    poll = BusyPoll(10_000)
+    poll = BusyPoll(10_000, quiet=0)
     (ours, client), _ = pairs
     poll.watch(ours)
     client.send(b"mine")
@@ -66,7 +66,7 @@ async def test_a_runnable_task_stops_the_poll(pairs: list[tuple[socket.socket, s
 
 
 async def test_zero_never_polls(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
-    poll = BusyPoll(0)
+    poll = BusyPoll(0, quiet=0)
     (ours, client), _ = pairs
     poll.watch(ours)
     client.send(b"mine")
@@ -76,7 +76,7 @@ async def test_zero_never_polls(pairs: list[tuple[socket.socket, socket.socket]]
 
 
 async def test_forgotten_and_closed_sockets_do_not_count(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
-    poll = BusyPoll(10_000)
+    poll = BusyPoll(10_000, quiet=0)
     (ours, client), (other, other_client) = pairs
     poll.watch(ours)
     poll.watch(other)
@@ -87,3 +87,26 @@ async def test_forgotten_and_closed_sockets_do_not_count(pairs: list[tuple[socke
     assert poll.receive(ours, 4096) == b"mine"
     poll.close()
     poll.forget(ours)  # after close: no error
+
+
+async def test_no_poll_while_other_clients_are_busy(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+    poll = BusyPoll(10_000, quiet=3600)
+    (ours, client), (other, _) = pairs
+    poll.watch(ours)
+    poll.watch(other)
+    client.send(b"mine")
+    assert poll.receive(ours, 4096) is None  # the first wait of a connection: it has not had the loop to itself
+    assert poll.receive(other, 4096) is None
+    assert poll.receive(ours, 4096) is None  # another connection was served just now
+    poll.close()
+
+
+async def test_a_connection_alone_for_the_quiet_time_polls(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+    poll = BusyPoll(10_000, quiet=0.01)
+    (ours, client), _ = pairs
+    poll.watch(ours)
+    assert poll.receive(ours, 4096) is None
+    await trio.sleep(0.02)
+    client.send(b"mine")
+    assert poll.receive(ours, 4096) == b"mine"
+    poll.close()
