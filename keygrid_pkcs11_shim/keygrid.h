@@ -181,6 +181,7 @@ struct kg_call {
 };
 
 #define KG_GEN_NONE 0u
+extern const struct kg_method_info kg_methods[];
 CK_RV kg_call_begin(struct kg_call *c, enum kg_method m, uint32_t gen);
 CK_RV kg_call_run(struct kg_call *c);                /* defer_init: an init may be queued instead (CKR_OK, no reply) */
 CK_RV kg_parse_reply(struct kg_call *c, size_t len); /* c->reply holds one frame body */
@@ -194,6 +195,25 @@ CK_RV kg_session_check(CK_SESSION_HANDLE h, uint32_t *gen);
 CK_SESSION_HANDLE kg_session_register(uint32_t gen, CK_ULONG daemon_handle, CK_SLOT_ID slot);
 void kg_session_remove(CK_SESSION_HANDLE h);
 void kg_session_remove_slot(uint32_t gen, CK_SLOT_ID slot);
+
+/* ---- frames.c: sockets, frames, busy polling ---- */
+
+int kg_open_socket(const char *path, int timeout_ms);               /* connected fd, or -1 */
+CK_RV kg_frame_check(const struct kg_buf *req, uint32_t max_frame); /* a frame the daemon takes */
+/* Sends the frames of calls[0..n) in one write and reads a reply for each into calls[i]->reply
+ * (length lens[i]), matched by id. `clean`: nothing was sent, the connection stays usable. */
+CK_RV kg_exchange(int fd, struct kg_call **calls, size_t n, uint32_t max_frame, size_t *lens, int *clean,
+                  int call_timeout_ms, int busy_poll_us);
+
+/* ---- sessions.c: the session table and deferred init queues (under kg_lock) ---- */
+
+#define KG_DEFER_MAX 4                               /* deferred frames per session */
+int kg_defer(struct kg_call *c, uint32_t max_frame); /* 1: the init's frame is queued */
+size_t kg_take_queue(struct kg_call *c, struct kg_call *out, uint32_t max_frame);
+void kg_settle(struct kg_call *c, const struct kg_call *queued, size_t nq, int own);
+void kg_free_calls(struct kg_call *calls, size_t n);
+void kg_sessions_end_generation(uint32_t gen); /* the caller holds kg_lock */
+void kg_sessions_close(void);
 
 /* ---- marshal.c ---- */
 
