@@ -7,6 +7,11 @@ beyond that the connection stops reading (back-pressure). A framing error
 (bad length, malformed MessagePack, a first request that is not ``hello``)
 gets a FATAL message and the connection is closed; every other bad request
 gets its CKR and the connection goes on.
+
+A connection with nothing in flight whose last request was answered at once
+parks with the reactor (``keygridd.server.reactor``), which reads it and
+answers what completes on the loop (``on_readable``) without waking the
+connection's task; whatever must wait comes back to the task as a ``Step``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from keygridd.core.offload import Forward
 from keygridd.pkcs11 import CKR
 from keygridd.pkcs11.errors import PKCS11Error
 from keygridd.protocol import codec
-from keygridd.protocol.calls import BY_NAME, FEATURES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Lock
+from keygridd.protocol.calls import BY_NAME, FEATURES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Call, Lock
 from keygridd.protocol.framing import FrameReader, FramingError, encode_frame
 from keygridd.server.dispatch import Dispatcher, Pending
 from keygridd.server.rawstream import RawStream
+from keygridd.server.reactor import MAX_FRAMES_PER_TURN, Reactor
 
 log = logging.getLogger("keygridd.connection")
 
@@ -58,6 +64,19 @@ async def forward_later(requests: list[Forward]) -> None:
 
 class ProtocolViolation(Exception):
     """The peer broke the framing or handshake rules: close the connection."""
+
+
+@dataclass(slots=True)
+class Step:
+    """A request begun but not answered: it waits for an earlier call of its session (``previous``),
+    or for the rest of its work (``outcome``)."""
+
+    msgid: int
+    call: Call
+    args: list[Any]
+    key: Any
+    previous: trio.Event | None
+    outcome: Pending | None
 
 
 @dataclass
@@ -94,7 +113,13 @@ class Applications:
 
 class Connection:
     def __init__(
-        self, stream: trio.abc.Stream, peer: Peer, apps: Applications, max_frame: int, max_attributes: int
+        self,
+        stream: trio.abc.Stream,
+        peer: Peer,
+        apps: Applications,
+        max_frame: int,
+        max_attributes: int,
+        reactor: Reactor | None = None,
     ) -> None:
         self.stream = stream
         self.peer = peer
@@ -110,6 +135,16 @@ class Connection:
         self.read_scope = trio.CancelScope()
         self.unyielded = 0
         self.outbox: list[bytes] = []
+        self.raw = stream if type(stream) is RawStream else None  # the hot path's stream, checked once
+        self.reactor = reactor if self.raw is not None else None
+        # What the reactor hands over when it wakes the task (see on_readable):
+        self.handed: Step | None = None  # a request it began that has more to do
+        self.failure: Exception | None = None  # a protocol error (or a bug) to end the connection with
+        self.at_eof = False  # the peer closed or reset: read through the stream, never park again
+        # Did the last request have to wait (a module call, a worker thread)? Then the task reads the
+        # next one itself: handing each request of a module's slot from the reactor to the task would
+        # cost a task switch per call for nothing.
+        self.waited = False
 
     def encode(self, message: list[Any]) -> bytes:
         body = codec.pack(message)
@@ -128,10 +163,10 @@ class Connection:
             await self.write(data)
 
     async def write(self, frame: bytes) -> None:
-        if isinstance(self.stream, RawStream) and not self.send_lock.locked():
+        if self.raw is not None and not self.send_lock.locked():
             # Nobody else is writing and nothing below awaits before the send: no lock needed
             # unless the socket takes only part of the frame.
-            sent = self.stream.send_nowait(frame)
+            sent = self.raw.send_nowait(frame)
             if sent == len(frame):
                 return
             frame = frame[sent:]
@@ -145,16 +180,23 @@ class Connection:
             self.send_lock.release()
 
     async def next_message(self) -> Any:
-        """The next decoded message, or ``EOF`` when the peer closed between frames."""
+        """The next decoded message, a ``Step`` the reactor began, or ``EOF`` when the peer closed
+        between frames."""
         while True:
+            if self.handed is not None:
+                step, self.handed = self.handed, None
+                return step
+            if self.failure is not None:
+                failure, self.failure = self.failure, None
+                raise failure
             body = self.reader.next_frame()
             if body is not None:
-                try:
-                    return codec.unpack(body)
-                except ValueError as exc:
-                    raise ProtocolViolation(str(exc)) from None
+                return self.decode(body)
             try:
                 await self.flush()  # nothing more to read at once: what was answered goes out now
+                if self.reactor is not None and self.idle():
+                    await self.reactor.wait(self)  # until the reactor hands something over
+                    continue
                 data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""  # the peer reset the connection: as good as closed
@@ -163,6 +205,78 @@ class Connection:
                     raise ProtocolViolation("connection closed inside a frame")
                 return EOF
             self.reader.feed(bytes(data))
+
+    def decode(self, body: bytes) -> Any:
+        try:
+            return codec.unpack(body)
+        except ValueError as exc:
+            raise ProtocolViolation(str(exc)) from None
+
+    def idle(self) -> bool:
+        """May the reactor watch this connection? Past the handshake, its last request answered at once,
+        nothing in flight, nothing to send."""
+        return (
+            self.app is not None
+            and not self.waited
+            and not self.at_eof
+            and not self.outbox
+            and self.slots.value == MAX_IN_FLIGHT
+        )
+
+    def fileno(self) -> int:
+        assert self.raw is not None
+        return self.raw.sock.fileno()
+
+    def on_readable(self) -> bool:
+        """The reactor's turn: read, answer the requests that complete on the loop, send the replies.
+        False hands the connection back to its task, with what it must carry on with."""
+        try:
+            return self.answer_ready()
+        except Exception as exc:  # a bug: the task ends the connection with it
+            self.failure = exc
+            return False
+
+    def answer_ready(self) -> bool:
+        assert self.raw is not None and self.app is not None
+        try:
+            data = self.raw.sock.recv(65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.at_eof = True
+            return False
+        self.reader.feed(data)
+        for _ in range(MAX_FRAMES_PER_TURN):
+            try:
+                body = self.reader.next_frame()
+            except FramingError:
+                return False  # the task meets it again and closes the connection
+            if body is None:
+                break
+            try:
+                step = self.begin(self.app, self.decode(body))
+            except ProtocolViolation as exc:
+                self.failure = exc
+                return False
+            if step is not None:
+                self.handed = step
+                return False
+        else:
+            if self.reader.has_frame():
+                return False  # more than one turn's worth: the task answers the rest
+        if self.outbox:
+            data, self.outbox = b"".join(self.outbox), []
+            try:
+                sent = self.raw.send_nowait(data)
+            except trio.BrokenResourceError:
+                self.at_eof = True
+                return False
+            if sent < len(data):
+                self.outbox = [data[sent:]]  # the task sends the rest when the socket takes it
+                return False
+        return True
 
     async def handshake(self) -> Application | None:
         message = await self.next_message()
@@ -244,53 +358,67 @@ class Connection:
             message = await self.next_message()
             if message is EOF:
                 return
-            if not _is_request(message):
-                raise ProtocolViolation("expected [0, id, method, args]")
-            _, msgid, method, raw_args = message
-            try:
-                call, args = self.dispatcher.prepare(app, method, raw_args)
-            except PKCS11Error as exc:
-                await self.answer([codec.RESPONSE, msgid, exc.rv, None, exc.message or None])
-                continue
-            key: Any = None
-            if call.lock is Lock.SESSION:
-                key = ("session", args[0])
-            elif call.lock is Lock.APP:
-                key = ("app",)
-            self.unyielded += 1
-            if self.unyielded >= MAX_UNYIELDED:
-                # Requests that never had to wait for the socket do not pass through the scheduler:
-                # let other connections run now and then.
-                self.unyielded = 0
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            previous = self.tails.get(key) if key is not None else None
-            if previous is None:
-                # Fast path: nothing of this session in flight, so run it now, on the loop.
-                outcome = self.dispatcher.start(app, call, args)
-                if not isinstance(outcome, Pending):
-                    rv, result, text = outcome
-                    await self.answer([codec.RESPONSE, msgid, int(rv), result, text])
-                    continue
-                if (
-                    outcome.request is not None
-                    and isinstance(outcome.request, Forward)
-                    and (not self.reader.has_frame() or self.next_request_waits_for(key))
-                ):
-                    # A module call with nothing else of this connection waiting, or only a request of the
-                    # same session (the module's deferred inits come with the call after them): await it
-                    # here rather than in a task of its own (the shim makes one call at a time per
-                    # connection). What the connection sends meanwhile is read once the call is done.
-                    rv, result, text = await self.dispatcher.finish(outcome)
-                    await self.answer([codec.RESPONSE, msgid, int(rv), result, text])
-                    continue
-                started: Pending | None = outcome
+            if isinstance(message, Step):
+                step: Step | None = message
             else:
-                started = None
+                self.unyielded += 1
+                if self.unyielded >= MAX_UNYIELDED:
+                    # Requests that never had to wait for the socket do not pass through the scheduler:
+                    # let other connections run now and then.
+                    self.unyielded = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                step = self.begin(app, message)
+            self.waited = step is not None
+            if step is None:
+                await self.answered()
+                continue
+            outcome = step.outcome
+            if (
+                outcome is not None
+                and isinstance(outcome.request, Forward)
+                and (not self.reader.has_frame() or self.next_request_waits_for(step.key))
+            ):
+                # A module call with nothing else of this connection waiting, or only a request of the
+                # same session (the module's deferred inits come with the call after them): await it
+                # here rather than in a task of its own (the shim makes one call at a time per
+                # connection). What the connection sends meanwhile is read once the call is done.
+                rv, result, text = await self.dispatcher.finish(outcome)
+                await self.answer([codec.RESPONSE, step.msgid, int(rv), result, text])
+                continue
             await self.slots.acquire()
             done = trio.Event()
-            if key is not None:
-                self.tails[key] = done
-            nursery.start_soon(self.run_request, app, msgid, call, args, started, previous, done, key)
+            if step.key is not None:
+                self.tails[step.key] = done
+            nursery.start_soon(
+                self.run_request, app, step.msgid, step.call, step.args, outcome, step.previous, done, step.key
+            )
+
+    def begin(self, app: Application, message: Any) -> Step | None:
+        """Start a request on the loop: None when it is answered (its reply waits in the outbox),
+        else what is left to do."""
+        if not _is_request(message):
+            raise ProtocolViolation("expected [0, id, method, args]")
+        _, msgid, method, raw_args = message
+        try:
+            call, args = self.dispatcher.prepare(app, method, raw_args)
+        except PKCS11Error as exc:
+            self.outbox.append(self.encode([codec.RESPONSE, msgid, exc.rv, None, exc.message or None]))
+            return None
+        key: Any = None
+        if call.lock is Lock.SESSION:
+            key = ("session", args[0])
+        elif call.lock is Lock.APP:
+            key = ("app",)
+        previous = self.tails.get(key) if key is not None else None
+        if previous is not None:
+            return Step(msgid, call, args, key, previous, None)
+        # Nothing of this session in flight, so run it now, on the loop.
+        outcome = self.dispatcher.start(app, call, args)
+        if not isinstance(outcome, Pending):
+            rv, result, text = outcome
+            self.outbox.append(self.encode([codec.RESPONSE, msgid, int(rv), result, text]))
+            return None
+        return Step(msgid, call, args, key, None, outcome)
 
     def next_request_waits_for(self, key: Any) -> bool:
         """Is the next buffered request one of the session ``key`` names, so that it waits for the
@@ -313,6 +441,10 @@ class Connection:
         """Reply from the reading loop: held back while the client has pipelined more requests,
         so that one write answers them all, and sent in the order the requests came."""
         self.outbox.append(self.encode(message))
+        await self.answered()
+
+    async def answered(self) -> None:
+        """Send what the outbox holds, unless the client has pipelined more requests."""
         if not self.reader.has_frame():
             try:
                 await self.flush()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
+from types import GeneratorType
 from typing import Any
 
 import trio
@@ -92,7 +93,7 @@ class Dispatcher:
                 result = self.core.passthrough.run(app, call.name, args)
             else:
                 result = getattr(self.core, call.name)(app, *args)
-            if isinstance(result, Generator):
+            if isinstance(result, GeneratorType):  # not the Generator ABC: its check is slow
                 return self._advance(app, call, result, None, None)
             return CKR.OK, result, None
         except Exception as exc:

@@ -28,11 +28,11 @@ from keygridd.core.model import Peer, Slot
 from keygridd.core.remote import RemoteToken
 from keygridd.pkcs11 import CKU
 from keygridd.providers.base import PassthroughProvider, Provider
-from keygridd.server.busypoll import BusyPoll
 from keygridd.server.connection import Applications, Connection
 from keygridd.server.dispatch import Dispatcher
 from keygridd.server.listener import notify, open_socket, peer_of
 from keygridd.server.rawstream import RawStream
+from keygridd.server.reactor import Reactor
 
 log = logging.getLogger("keygridd")
 
@@ -98,7 +98,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
         daemon.core, daemon.providers, trio.CapacityLimiter(server.worker_threads), server.max_attributes
     )
     apps = Applications(dispatcher)
-    busy_poll = BusyPoll(server.busy_poll_microseconds)
+    reactor = Reactor(server.busy_poll_microseconds)
     sock, activated = open_socket(server.socket, server.socket_mode, server.socket_group)
     sock.setblocking(False)
     connections: set[Connection] = set()
@@ -113,7 +113,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
             sock.close()
 
     async def handle(client: socket.socket) -> None:
-        stream = RawStream(client, busy_poll)
+        stream = RawStream(client, reactor)
         try:
             peer = peer_of(client)
         except OSError:
@@ -123,7 +123,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
             log.warning("refusing pid %d: %d connections open", peer.pid, len(connections))
             await stream.aclose()
             return
-        conn = Connection(stream, peer, apps, server.max_frame_bytes, server.max_attributes)
+        conn = Connection(stream, peer, apps, server.max_frame_bytes, server.max_attributes, reactor)
         connections.add(conn)
         try:
             await conn.serve()
@@ -170,6 +170,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
                         nursery.start_soon(handle, client)
 
             nursery.start_soon(stop_on_signal, nursery)
+            await nursery.start(reactor.run)
             watch_stores(daemon.core, nursery)
             for provider in daemon.providers.values():
                 if isinstance(provider, PassthroughProvider):
@@ -181,7 +182,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
     finally:
         notify("STOPPING=1")
         close_listener()
-        busy_poll.close()
+        reactor.close()
         if not activated:
             with contextlib.suppress(OSError):
                 os.unlink(server.socket)

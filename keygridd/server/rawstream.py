@@ -5,9 +5,11 @@ receive (a checkpoint each), which costs more than the call itself for fast
 operations. ``RawStream`` tries the non-blocking system call first and only
 waits for readiness (``trio.lowlevel.wait_readable`` / ``wait_writable``,
 which are checkpoints) when the socket would block, after busy polling for a
-moment when the loop is otherwise idle (``BusyPoll``). The connection keeps
-the loop fair by yielding after a run of requests that never had to wait
-(``Connection.MAX_UNYIELDED``).
+moment when the loop is otherwise idle (``Reactor.receive``). The connection
+keeps the loop fair by yielding after a run of requests that never had to
+wait (``Connection.MAX_UNYIELDED``). An idle connection whose requests
+complete on the loop does not read through its stream at all: the reactor
+(``keygridd.server.reactor``) reads its socket.
 """
 
 from __future__ import annotations
@@ -16,19 +18,17 @@ import socket
 
 import trio
 
-from keygridd.server.busypoll import BusyPoll
+from keygridd.server.reactor import Reactor
 
 
 class RawStream(trio.abc.HalfCloseableStream):
     """A non-blocking stdlib socket driven by trio's readiness waits."""
 
-    def __init__(self, sock: socket.socket, busy_poll: BusyPoll | None = None) -> None:
+    def __init__(self, sock: socket.socket, poller: Reactor | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._closed = False
-        self._busy_poll = busy_poll
-        if busy_poll is not None:
-            busy_poll.watch(sock)
+        self._poller = poller
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while True:
@@ -37,8 +37,8 @@ class RawStream(trio.abc.HalfCloseableStream):
             try:
                 return self.sock.recv(max_bytes or 65536)
             except BlockingIOError:
-                if self._busy_poll is not None:
-                    data = self._busy_poll.receive(self.sock, max_bytes or 65536)
+                if self._poller is not None:
+                    data = self._poller.receive(self.sock, max_bytes or 65536)
                     if data is not None:
                         return data
                 await trio.lowlevel.wait_readable(self.sock)
@@ -83,8 +83,6 @@ class RawStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._busy_poll is not None:
-                self._busy_poll.forget(self.sock)
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
         await trio.lowlevel.checkpoint()
