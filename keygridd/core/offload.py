@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -35,6 +36,15 @@ class Backend(Protocol):
 
     async def call(self, method: str, args: Sequence[Any]) -> Any:
         """Run one module call; raise the module's PKCS11Error."""
+
+
+def _always() -> bool:
+    return True
+
+
+# May a backend poll for its answer now, holding the event loop, rather than sleep? The server sets a
+# check that no client has a request waiting; a backend asks on each turn of its poll.
+may_busy_poll: ContextVar[Callable[[], bool]] = ContextVar("may_busy_poll", default=_always)
 
 
 @dataclass(frozen=True, slots=True)

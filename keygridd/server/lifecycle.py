@@ -25,6 +25,7 @@ import trio
 from keygridd.config import AccessList, Settings
 from keygridd.core.core import Core
 from keygridd.core.model import Peer, Slot
+from keygridd.core.offload import may_busy_poll
 from keygridd.core.remote import RemoteToken
 from keygridd.pkcs11 import CKU
 from keygridd.providers.base import PassthroughProvider, Provider
@@ -99,6 +100,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
     )
     apps = Applications(dispatcher)
     reactor = Reactor(server.busy_poll_microseconds)
+    may_busy_poll.set(reactor.nobody_waiting)  # module calls stop polling for their reply when a client waits
     sock, activated = open_socket(server.socket, server.socket_mode, server.socket_group)
     sock.setblocking(False)
     connections: set[Connection] = set()

@@ -29,6 +29,8 @@ class RawStream(trio.abc.HalfCloseableStream):
         self.sock = sock
         self._closed = False
         self._poller = poller
+        if poller is not None:
+            poller.watch(sock)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while True:
@@ -83,6 +85,8 @@ class RawStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._poller is not None:
+                self._poller.forget(self.sock)
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
         await trio.lowlevel.checkpoint()

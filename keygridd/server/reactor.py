@@ -52,7 +52,8 @@ class Reactor:
     def __init__(self, microseconds: int = 0, quiet: float = QUIET) -> None:
         self.budget = microseconds / 1_000_000
         self.quiet = quiet
-        self._epoll = select.epoll()
+        self._epoll = select.epoll()  # parked connections, while parked
+        self._all = select.epoll()  # every connection, level-triggered: is anyone waiting?
         self._parked: dict[int, tuple[Parkable, trio.lowlevel.Task]] = {}
         self._last_fd = -1  # the connection served last
         self._since = 0.0  # when another connection than that one was last served
@@ -107,6 +108,21 @@ class Reactor:
                 woken += 1
         return woken
 
+    def watch(self, sock: socket.socket) -> None:
+        """Count a new connection in ``nobody_waiting`` and in the busy polls' stop condition."""
+        self._all.register(sock.fileno(), select.EPOLLIN)
+
+    def forget(self, sock: socket.socket) -> None:
+        """Drop a connection before its socket is closed."""
+        try:
+            self._all.unregister(sock.fileno())
+        except (OSError, ValueError):
+            pass  # never watched, or the reactor is closed
+
+    def nobody_waiting(self) -> bool:
+        """Has no connection a request waiting to be read? (The daemon's ``may_busy_poll``.)"""
+        return not self._all.poll(0)
+
     def may_poll(self, fd: int) -> bool:
         """May the loop poll for ``fd``'s next request now? Not while several clients are busy or a task
         is runnable."""
@@ -119,16 +135,21 @@ class Reactor:
 
     def receive(self, sock: socket.socket, size: int) -> bytes | None:
         """Busy polling for a connection read by its task: what ``sock`` receives within the budget, or
-        None (nothing came, polling is not allowed now, or a parked connection has a request)."""
-        if not self.may_poll(sock.fileno()):
+        None (nothing came, polling is not allowed now, or another connection has a request)."""
+        fd = sock.fileno()
+        if not self.may_poll(fd):
             return None
         end = time.perf_counter() + self.budget
         while True:
-            try:
-                return sock.recv(size)
-            except BlockingIOError:
-                pass
-            if self._epoll.poll(0) or time.perf_counter() >= end:
+            ready = self._all.poll(0)
+            if ready:
+                if any(ready_fd != fd for ready_fd, _ in ready):
+                    return None  # another client is waiting: the loop serves it first
+                try:
+                    return sock.recv(size)
+                except BlockingIOError:
+                    return None  # readiness without data: wait the usual way
+            if time.perf_counter() >= end:
                 return None
 
     def poll(self) -> list[tuple[int, int]]:
@@ -164,3 +185,4 @@ class Reactor:
 
     def close(self) -> None:
         self._epoll.close()
+        self._all.close()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from typing import Any
 import trio
 
 import keygridd
+from keygridd.core.offload import may_busy_poll
 from keygridd.pkcs11.errors import ArgumentsBad, DeviceError, error_for
 from keygridd.protocol.codec import unpack
 from keygridd.providers.pkcs11.worker import MAX_FRAME, decode_result, encode_request
@@ -76,20 +78,28 @@ def _exit_text(code: int | None) -> str:
 
 
 def _spin(sock: socket.socket) -> bytes | None:
-    """Poll for a reply for up to SPIN seconds, when the loop has nothing else to run (else None).
+    """Poll for a reply for up to SPIN seconds, while the loop has nothing else to do (else None).
 
     A fast module call (random bytes, an ECDSA signature) answers within that
     time; polling for it costs nothing the loop could have used and saves a
     pass through epoll and the scheduler, which here costs more than the call.
+    The poll ends as soon as a task is runnable or a client has a request
+    waiting (``may_busy_poll``): the loop serves them meanwhile.
     """
     if trio.lowlevel.current_statistics().tasks_runnable:
         return None
+    allowed = may_busy_poll.get()
+    ready = select.poll()
+    ready.register(sock, select.POLLIN)
     end = time.perf_counter() + SPIN
-    while time.perf_counter() < end:
-        try:
-            return sock.recv(_RECV_SIZE)
-        except BlockingIOError:
-            pass
+    while allowed():
+        if ready.poll(0):
+            try:
+                return sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return None  # readiness without data: wait the usual way
+        if time.perf_counter() >= end:
+            break
     return None
 
 

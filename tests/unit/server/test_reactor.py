@@ -168,6 +168,7 @@ async def test_a_task_read_connection_takes_a_request_already_sent(
 ) -> None:
     (ours, client), _ = pairs
     reactor = Reactor(100, quiet=0)
+    reactor.watch(ours)
     client.send(b"request")
     assert reactor.receive(ours, 4096) == b"request"
     reactor.close()
@@ -178,6 +179,7 @@ async def test_a_task_read_connection_polls_for_a_request_that_comes_soon(
 ) -> None:
     (ours, client), _ = pairs
     reactor = Reactor(2_000_000, quiet=0)
+    reactor.watch(ours)
     thread = send_later(client, b"soon")
     assert reactor.receive(ours, 4096) == b"soon"
     thread.join()
@@ -193,6 +195,7 @@ async def test_when_a_task_read_connection_is_not_polled_for(
     (ours, client), (other, other_client) = pairs
     budget = {"nothing comes": 2000, "zero budget": 0}.get(why, 2_000_000)
     reactor = Reactor(budget, quiet=3600 if why == "another client was served" else 0)
+    reactor.watch(ours)
     async with trio.open_nursery() as nursery:
         if why == "another client was served":
             assert not reactor.may_poll(other.fileno())
@@ -200,6 +203,7 @@ async def test_when_a_task_read_connection_is_not_polled_for(
             nursery.start_soon(trio.lowlevel.checkpoint)
         if why == "a parked one is ready":
             parked = Fake(other)
+            reactor.watch(other)  # as every connection's stream does
             await park(reactor, parked, nursery)
             other_client.send(b"waiting")
         thread = send_later(client, b"late") if why != "nothing comes" else None
@@ -209,6 +213,37 @@ async def test_when_a_task_read_connection_is_not_polled_for(
         if why == "a parked one is ready":
             assert parked.received == []  # the reactor serves it once the loop runs
         nursery.cancel_scope.cancel()
+    reactor.close()
+
+
+async def test_a_waiting_request_on_any_connection_is_seen(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+    (ours, _), (other, other_client) = pairs
+    reactor = Reactor()
+    reactor.watch(ours)
+    reactor.watch(other)
+    assert reactor.nobody_waiting()
+    other_client.send(b"waiting")
+    assert not reactor.nobody_waiting()
+    reactor.forget(other)
+    reactor.forget(other)  # twice: no error
+    assert reactor.nobody_waiting()
+    reactor.close()
+    reactor.forget(ours)  # after close: no error
+
+
+async def test_another_waiting_connection_ends_a_task_read_poll(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    (ours, client), (other, other_client) = pairs
+    reactor = Reactor(2_000_000, quiet=0)
+    reactor.watch(ours)
+    reactor.watch(other)
+    other_client.send(b"waiting")
+    thread = send_later(client, b"mine")
+    assert reactor.receive(ours, 4096) is None  # the other client is served first, through the loop
+    thread.join()
+    assert other.recv(4096) == b"waiting"
+    assert reactor.receive(ours, 4096) == b"mine"
     reactor.close()
 
 

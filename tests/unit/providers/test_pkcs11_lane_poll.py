@@ -1,0 +1,58 @@
+"""The pkcs11 provider's lane: polling for a module's reply gives way to waiting clients."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from keygridd.core.offload import may_busy_poll
+from keygridd.providers.pkcs11 import supervisor
+
+LATE = 0.05  # seconds after which the "worker" replies
+
+
+@pytest.fixture
+def lane(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[socket.socket, socket.socket]]:
+    monkeypatch.setattr(supervisor, "SPIN", 5.0)  # long enough to catch the late reply
+    daemon_end, worker_end = socket.socketpair()
+    daemon_end.setblocking(False)
+    yield daemon_end, worker_end
+    daemon_end.close()
+    worker_end.close()
+
+
+def reply_later(sock: socket.socket) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(LATE), sock.send(b"reply")))
+    thread.start()
+    return thread
+
+
+async def test_a_reply_that_comes_soon_is_polled_for(lane: tuple[socket.socket, socket.socket]) -> None:
+    daemon_end, worker_end = lane
+    thread = reply_later(worker_end)
+    assert supervisor._spin(daemon_end) == b"reply"
+    thread.join()
+
+
+async def test_a_waiting_client_ends_the_poll(lane: tuple[socket.socket, socket.socket]) -> None:
+    daemon_end, worker_end = lane
+    asked: list[bool] = []
+
+    def client_waiting() -> bool:
+        asked.append(True)
+        return len(asked) < 3  # a client's request arrives during the poll
+
+    token = may_busy_poll.set(client_waiting)
+    try:
+        thread = reply_later(worker_end)
+        started = time.monotonic()
+        assert supervisor._spin(daemon_end) is None
+        assert time.monotonic() - started < LATE  # it gave way before the reply came
+        thread.join()
+    finally:
+        may_busy_poll.reset(token)
+    assert len(asked) == 3
