@@ -14,6 +14,7 @@ does I/O.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,8 +41,14 @@ REQUEST, RESPONSE, FATAL = 0, 1, 2
 Template = tuple[tuple[int, AttrValue], ...]
 
 
+_packers = threading.local()  # a Packer per thread: msgpack.packb makes a new one on every call
+
+
 def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(value)  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:

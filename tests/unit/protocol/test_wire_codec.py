@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import msgpack
@@ -277,3 +278,22 @@ def test_deep_nesting_is_an_error_not_a_crash() -> None:
     with pytest.raises(ValueError):
         codec.unpack(deep)
     assert msgpack.unpackb(b"\x91" * 10 + b"\xc0") is not None
+
+
+def test_pack_after_a_value_it_cannot_pack_starts_clean() -> None:
+    """The daemon reuses one msgpack Packer per thread: a failed pack must leave nothing behind."""
+    with pytest.raises(TypeError):
+        codec.pack([1, 2, object()])
+    assert codec.pack([1, 7, 0, b"x", None]) == msgpack.packb([1, 7, 0, b"x", None], use_bin_type=True)
+
+
+def test_pack_from_several_threads() -> None:
+    values = [[i, bytes([i]) * i, None] for i in range(64)]
+
+    def pack_all(_: int) -> list[bytes]:
+        return [codec.pack(v) for v in values]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(pack_all, range(32)))
+    expected = [msgpack.packb(v, use_bin_type=True) for v in values]
+    assert all(result == expected for result in results)
