@@ -33,6 +33,16 @@ class FrameReader:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
+    def take_whole(self, data: bytes) -> bytes | None:
+        """The body of ``data`` when nothing is buffered and ``data`` is exactly one valid frame (the
+        usual read: one request); else None, and nothing is taken (``feed`` it)."""
+        if self._buffer or len(data) < 5:
+            return None
+        length = int.from_bytes(data[:4], "big")
+        if len(data) != 4 + length or length > self.max_frame:
+            return None
+        return data[4:]
+
     def next_frame(self) -> bytes | None:
         """The next complete frame body, or None if more bytes are needed."""
         buffer = self._buffer

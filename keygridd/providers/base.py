@@ -61,6 +61,11 @@ class Provider(abc.ABC):
         """An injected delay or error for this call, or None."""
         return None
 
+    def injects_effects(self) -> bool:
+        """May ``effect`` return anything? Asked once at start: a slot that never injects skips the
+        question on every call. By default, whether the provider overrides ``effect``."""
+        return type(self).effect is not Provider.effect
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources at shutdown."""
 

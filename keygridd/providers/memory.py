@@ -261,6 +261,9 @@ class MemoryProvider(Provider):
     def open_store(self) -> TokenStore:
         return MemoryStore(self.options, self.slot_id)
 
+    def injects_effects(self) -> bool:
+        return bool(self.options.scenarios)
+
     def effect(self, method: str) -> Effect | None:
         for scenario in self.options.scenarios:
             if scenario.operations and method not in scenario.operations:

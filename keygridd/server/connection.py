@@ -30,7 +30,7 @@ from keygridd.pkcs11 import CKR
 from keygridd.pkcs11.errors import PKCS11Error
 from keygridd.protocol import codec
 from keygridd.protocol.calls import BY_NAME, FEATURES, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Call, Lock
-from keygridd.protocol.framing import FrameReader, FramingError, encode_frame
+from keygridd.protocol.framing import HEADER, FrameReader, FramingError
 from keygridd.server.dispatch import Dispatcher, Pending
 from keygridd.server.rawstream import RawStream
 from keygridd.server.reactor import MAX_FRAMES_PER_TURN, Reactor
@@ -151,7 +151,7 @@ class Connection:
         if len(body) > self.max_frame:
             rv = CKR.DEVICE_MEMORY
             body = codec.pack([message[0], message[1], rv, None, f"reply of {len(body)} bytes exceeds the frame limit"])
-        return encode_frame(body, self.max_frame)
+        return HEADER.pack(len(body)) + body  # a MessagePack value is never empty
 
     async def send(self, message: list[Any]) -> None:
         await self.write(self.encode(message))
@@ -247,6 +247,17 @@ class Connection:
         if not data:
             self.at_eof = True
             return False
+        body = self.reader.take_whole(data)
+        if body is not None:  # one request, the usual read
+            try:
+                step = self.begin(self.app, self.decode(body))
+            except ProtocolViolation as exc:
+                self.failure = exc
+                return False
+            if step is not None:
+                self.handed = step
+                return False
+            return self.send_outbox()
         self.reader.feed(data)
         for _ in range(MAX_FRAMES_PER_TURN):
             try:
@@ -266,6 +277,11 @@ class Connection:
         else:
             if self.reader.has_frame():
                 return False  # more than one turn's worth: the task answers the rest
+        return self.send_outbox()
+
+    def send_outbox(self) -> bool:
+        """The reactor's write: False when the socket did not take it all (or the peer is gone)."""
+        assert self.raw is not None
         if self.outbox:
             data, self.outbox = b"".join(self.outbox), []
             try:

@@ -60,6 +60,7 @@ class Dispatcher:
     ) -> None:
         self.core = core
         self.providers = providers
+        self.effects = {slot_id: p for slot_id, p in providers.items() if p.injects_effects()}
         self.limiter = limiter
         self.max_attributes = max_attributes
 
@@ -84,7 +85,7 @@ class Dispatcher:
         """Run as much of the call as can run now: a reply, or what is left to await."""
         try:
             slot_id = self.slot_of(app, call, args)
-            provider = self.providers.get(slot_id) if slot_id is not None else None
+            provider = self.effects.get(slot_id) if slot_id is not None else None
             if provider is not None:
                 effect = provider.effect(call.name)
                 if effect is not None:

@@ -92,3 +92,31 @@ def test_peek_at_a_bad_length_is_none_and_next_frame_still_refuses_it() -> None:
     assert reader.peek_frame() is None
     with pytest.raises(FramingError):
         reader.next_frame()
+
+
+def test_take_whole_takes_exactly_one_frame_when_nothing_is_buffered() -> None:
+    reader = FrameReader(16)
+    assert reader.take_whole(encode_frame(b"body")) == b"body"
+    assert reader.pending == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode_frame(b"one") + encode_frame(b"two"),  # two frames: the reader splits them
+        encode_frame(b"body")[:-1],  # part of a frame
+        b"\x00\x00\x00\x00" + b"x",  # a zero length
+        b"\x00\x00\x00\x11" + b"x" * 17,  # over the limit
+        b"\x00\x00\x00",  # not even a header
+    ],
+)
+def test_take_whole_leaves_everything_else_to_the_reader(data: bytes) -> None:
+    reader = FrameReader(16)
+    assert reader.take_whole(data) is None
+    assert reader.pending == 0
+
+
+def test_take_whole_does_not_jump_a_buffered_frame() -> None:
+    reader = FrameReader(16)
+    reader.feed(encode_frame(b"first")[:3])
+    assert reader.take_whole(encode_frame(b"second")) is None
