@@ -17,9 +17,10 @@ Busy polling: a client that makes one call after another (``C_SignInit`` then
 ``C_Sign``) sends its next request a few microseconds after it reads a reply.
 Sleeping in trio's epoll until then costs more than the call itself on a
 virtual machine, so when nothing is runnable and the set is empty the reactor
-polls it for up to ``microseconds`` before it sleeps. It never polls while
-several clients are busy (another connection was served within the last
-``QUIET`` seconds): the machine's cores are better left to them. A
+polls for up to ``microseconds`` before it sleeps, until any connection is
+readable (one read by its own task is then served through trio). It never
+polls while several clients are busy (another connection was served within
+the last ``QUIET`` seconds): the machine's cores are better left to them. A
 connection that comes back from its task (after a module call, say) wakes a
 sleeping reactor to poll for its next request. With ``microseconds = 0`` it
 never polls.
@@ -153,7 +154,8 @@ class Reactor:
                 return None
 
     def poll(self) -> list[tuple[int, int]]:
-        """The readable parked connections; polled for up to the budget when the loop is otherwise idle."""
+        """The readable parked connections; polled for up to the budget when the loop is otherwise idle,
+        until any connection is readable (one read by its task is then served through trio)."""
         events = self._epoll.poll(0)
         if events or not self.budget:
             return events
@@ -161,9 +163,12 @@ class Reactor:
         if now - self._since < self.quiet or trio.lowlevel.current_statistics().tasks_runnable:
             return events
         end = now + self.budget
-        while not events and time.perf_counter() < end:
-            events = self._epoll.poll(0)
-        return events
+        parked = self._parked
+        while time.perf_counter() < end:
+            ready = self._all.poll(0)
+            if ready:
+                return [event for event in ready if event[0] in parked]
+        return []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -174,7 +179,7 @@ class Reactor:
                 served += len(events)
                 if served >= MAX_FRAMES_PER_TURN:
                     served = 0
-                    await trio.lowlevel.checkpoint()  # other tasks run between turns
+                    await trio.lowlevel.checkpoint()  # other tasks run now and then between turns
             else:
                 served = 0
                 # Nothing came, or connections went back to their tasks: sleep while they run, so that

@@ -117,10 +117,13 @@ async def test_a_cancelled_wait_leaves_the_reactor(pairs: list[tuple[socket.sock
 async def test_a_request_that_comes_soon_is_polled_for(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
     (ours, client), _ = pairs
     reactor = Reactor(2_000_000, quiet=0)
+    reactor.watch(ours)
     async with trio.open_nursery() as nursery:
         await park(reactor, Fake(ours), nursery)
         thread = send_later(client, b"soon")
+        started = time.monotonic()
         assert reactor.poll() == [(ours.fileno(), 1)]
+        assert time.monotonic() - started < 1  # it ended when the request came, not at the budget
         thread.join()
         nursery.cancel_scope.cancel()
     reactor.close()
@@ -131,6 +134,7 @@ async def test_when_the_reactor_does_not_poll(pairs: list[tuple[socket.socket, s
     (ours, client), (other, _) = pairs
     budget = 0 if why == "zero budget" else 2_000_000
     reactor = Reactor(budget, quiet=3600 if why == "another client was served" else 0)
+    reactor.watch(ours)
     async with trio.open_nursery() as nursery:
         await park(reactor, Fake(ours), nursery)
         if why == "another client was served":
@@ -144,11 +148,30 @@ async def test_when_the_reactor_does_not_poll(pairs: list[tuple[socket.socket, s
     reactor.close()
 
 
+async def test_a_request_on_a_task_read_connection_ends_the_reactors_poll(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    (ours, _), (other, other_client) = pairs
+    reactor = Reactor(2_000_000, quiet=0)
+    reactor.watch(ours)
+    reactor.watch(other)  # read by its task: watched, not parked
+    async with trio.open_nursery() as nursery:
+        await park(reactor, Fake(ours), nursery)
+        thread = send_later(other_client, b"for the task")
+        started = time.monotonic()
+        assert reactor.poll() == []  # nothing for the reactor: its task is served next
+        assert time.monotonic() - started < 1
+        thread.join()
+        nursery.cancel_scope.cancel()
+    reactor.close()
+
+
 async def test_a_client_alone_for_the_quiet_time_is_polled_for(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
     (ours, client), _ = pairs
     reactor = Reactor(2_000_000, quiet=0.01)
+    reactor.watch(ours)
     async with trio.open_nursery() as nursery:
         conn = Fake(ours)
         await park(reactor, conn, nursery)
