@@ -249,15 +249,7 @@ class Connection:
             return False
         body = self.reader.take_whole(data)
         if body is not None:  # one request, the usual read
-            try:
-                step = self.begin(self.app, self.decode(body))
-            except ProtocolViolation as exc:
-                self.failure = exc
-                return False
-            if step is not None:
-                self.handed = step
-                return False
-            return self.send_outbox()
+            return self.answer_frame(body) and self.send_outbox()
         self.reader.feed(data)
         for _ in range(MAX_FRAMES_PER_TURN):
             try:
@@ -266,18 +258,26 @@ class Connection:
                 return False  # the task meets it again and closes the connection
             if body is None:
                 break
-            try:
-                step = self.begin(self.app, self.decode(body))
-            except ProtocolViolation as exc:
-                self.failure = exc
-                return False
-            if step is not None:
-                self.handed = step
+            if not self.answer_frame(body):
                 return False
         else:
             if self.reader.has_frame():
                 return False  # more than one turn's worth: the task answers the rest
         return self.send_outbox()
+
+    def answer_frame(self, body: bytes) -> bool:
+        """Begin one request for the reactor: True when it was answered on the loop, False when the
+        task carries on (with the ``Step`` begun, or the protocol error)."""
+        assert self.app is not None
+        try:
+            step = self.begin(self.app, self.decode(body))
+        except ProtocolViolation as exc:
+            self.failure = exc
+            return False
+        if step is not None:
+            self.handed = step
+            return False
+        return True
 
     def send_outbox(self) -> bool:
         """The reactor's write: False when the socket did not take it all (or the peer is gone)."""

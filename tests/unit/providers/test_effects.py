@@ -7,7 +7,7 @@ import trio
 from keygridd.core.core import Core
 from keygridd.core.store import TokenStore
 from keygridd.providers.base import Effect, Provider
-from keygridd.providers.memory import MemoryOptions, MemoryProvider, Scenario
+from keygridd.providers.memory import MemoryOptions, MemoryProvider, MemoryStore, Scenario
 from keygridd.server.dispatch import Dispatcher
 
 
@@ -15,7 +15,7 @@ class Plain(Provider):
     name = "plain"
 
     def open_store(self) -> TokenStore:
-        raise NotImplementedError  # never opened here
+        return MemoryStore(MemoryOptions(), self.slot_id)
 
 
 class Injecting(Plain):
