@@ -6,7 +6,8 @@ key generation, a provider's blocking call) is a generator: it yields
 thrown in). ``run_inline`` drives such a generator synchronously, for tests and
 for callers without threads; the server drives it with trio worker threads.
 A passthrough slot's methods yield ``Forward(backend, method, args)`` instead:
-a call to the module behind the token, which the server awaits.
+a call to the module behind the token, which the server starts from its loop
+(``Backend.submit``) or awaits.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ class Offload:
     delay: float = 0.0  # seconds to wait first, without blocking anyone else (PIN throttling)
 
 
+Done = Callable[[Any, Exception | None], None]  # a started call's result, or its error
+
+
+class ReplyWatcher(Protocol):
+    """Who reads a started call's reply: the server's reactor calls ``on_readable`` in its own turn
+    while ``fd`` is readable, until ``unwatch_reply``."""
+
+    def watch_reply(self, fd: int, on_readable: Callable[[], None]) -> None: ...
+
+    def unwatch_reply(self, fd: int) -> None: ...
+
+
 class Backend(Protocol):
     """The module behind a passthrough token (the provider's link to its worker process)."""
 
@@ -36,6 +49,10 @@ class Backend(Protocol):
 
     async def call(self, method: str, args: Sequence[Any]) -> Any:
         """Run one module call; raise the module's PKCS11Error."""
+
+    def submit(self, method: str, args: Sequence[Any], done: Done, watcher: ReplyWatcher) -> bool:
+        """Start one module call without waiting, if it can go out at once: True, and ``done(result,
+        error)`` is called later from the loop; False when nothing went out (``call`` it instead)."""
 
 
 def _always() -> bool:

@@ -11,7 +11,10 @@ gets its CKR and the connection goes on.
 A connection with nothing in flight whose last request was answered at once
 parks with the reactor (``keygridd.server.reactor``), which reads it and
 answers what completes on the loop (``on_readable``) without waking the
-connection's task; whatever must wait comes back to the task as a ``Step``.
+connection's task. A module call that can go out at once is started there
+too (``forward``): the reactor holds the connection until the module's reply,
+then the request finishes on the loop (``forwarded``). Whatever else must
+wait comes back to the task as a ``Step``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -40,6 +44,8 @@ log = logging.getLogger("keygridd.connection")
 MAX_IN_FLIGHT = 64
 MAX_UNYIELDED = 16
 EOF = object()  # next_message's answer when the peer closed the connection between frames
+# What became of a request the reactor began (answer_frame):
+ANSWERED, FORWARDED, HANDED = 0, 1, 2  # its reply is in the outbox; a module works on it; the task has it
 
 
 def _is_request(message: Any) -> bool:
@@ -249,35 +255,89 @@ class Connection:
             return False
         body = self.reader.take_whole(data)
         if body is not None:  # one request, the usual read
-            return self.answer_frame(body) and self.send_outbox()
-        self.reader.feed(data)
+            state = self.answer_frame(body)
+        else:
+            self.reader.feed(data)
+            state = self.answer_buffered()
+        if state == HANDED:
+            return False
+        sent = self.send_outbox()
+        return sent or state == FORWARDED  # held: what the socket did not take goes with the module's reply
+
+    def answer_buffered(self) -> int:
+        """Begin the requests read but not yet begun, up to a turn's worth; stop at one a module works on."""
         for _ in range(MAX_FRAMES_PER_TURN):
             try:
                 body = self.reader.next_frame()
             except FramingError:
-                return False  # the task meets it again and closes the connection
+                return HANDED  # the task meets it again and closes the connection
             if body is None:
-                break
-            if not self.answer_frame(body):
-                return False
-        else:
-            if self.reader.has_frame():
-                return False  # more than one turn's worth: the task answers the rest
-        return self.send_outbox()
+                return ANSWERED
+            state = self.answer_frame(body)
+            if state != ANSWERED:
+                return state
+        return HANDED if self.reader.has_frame() else ANSWERED  # the task answers more than a turn's worth
 
-    def answer_frame(self, body: bytes) -> bool:
-        """Begin one request for the reactor: True when it was answered on the loop, False when the
-        task carries on (with the ``Step`` begun, or the protocol error)."""
+    def answer_frame(self, body: bytes) -> int:
+        """Begin one request for the reactor: ANSWERED on the loop, FORWARDED to a module (the
+        connection is held), or HANDED to the task (the ``Step`` begun, or the protocol error)."""
         assert self.app is not None
         try:
             step = self.begin(self.app, self.decode(body))
         except ProtocolViolation as exc:
             self.failure = exc
+            return HANDED
+        if step is None:
+            return ANSWERED
+        if step.previous is None and self.forward(step):
+            return FORWARDED
+        self.handed = step
+        return HANDED
+
+    def forward(self, step: Step) -> bool:
+        """Start the step's module call from the loop, if it can go out at once; the reactor holds the
+        connection until ``forwarded``."""
+        outcome, reactor = step.outcome, self.reactor
+        if outcome is None or reactor is None or not isinstance(outcome.request, Forward):
             return False
-        if step is not None:
-            self.handed = step
+        request = outcome.request
+        if not request.backend.submit(request.method, request.args, partial(self.forwarded, step), reactor):
             return False
+        reactor.hold(self.fileno())
         return True
+
+    def forwarded(self, step: Step, value: Any, error: Exception | None) -> None:
+        """The module call of a held connection's request is done (called in the reactor's turn): finish
+        the request, begin the ones read behind it, then read again; or hand over to the task."""
+        reactor, fd = self.reactor, self.fileno()
+        if reactor is None or not reactor.holds(fd, self):
+            return  # the task was cancelled meanwhile: the connection is gone
+        try:
+            assert step.outcome is not None
+            outcome = self.dispatcher.resume(step.outcome, value, error)
+            if isinstance(outcome, Pending):
+                step.outcome = outcome
+                if self.forward(step):
+                    return  # its next module call
+                self.handed = step
+                reactor.wake(fd)
+                return
+            rv, result, text = outcome
+            self.outbox.append(self.encode([codec.RESPONSE, step.msgid, int(rv), result, text]))
+            state = self.answer_buffered()
+            if state == HANDED:
+                reactor.wake(fd)
+                return
+            sent = self.send_outbox()
+            if state == FORWARDED:
+                return
+            if sent and not self.at_eof:
+                reactor.release(fd)
+            else:
+                reactor.wake(fd)  # the task sends the rest, or meets the end of the connection
+        except Exception as exc:  # a bug: the task ends the connection with it
+            self.failure = exc
+            reactor.wake(fd)
 
     def send_outbox(self) -> bool:
         """The reactor's write: False when the socket did not take it all (or the peer is gone)."""
@@ -384,7 +444,11 @@ class Connection:
                     self.unyielded = 0
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 step = self.begin(app, message)
-            self.waited = step is not None
+            # A module call the task awaits leaves the connection to the reactor after it (the reactor
+            # starts the next one itself when a lane is free); other waits keep it with its task.
+            self.waited = step is not None and not (
+                step.outcome is not None and isinstance(step.outcome.request, Forward)
+            )
             if step is None:
                 await self.answered()
                 continue

@@ -129,6 +129,11 @@ class Dispatcher:
         except Exception as exc:
             return self.reply_for(call, exc)
 
+    def resume(self, pending: Pending, value: Any, error: Exception | None) -> Reply | Pending:
+        """Go on with a call whose module call (its ``Forward``) completed on the loop."""
+        assert pending.gen is not None
+        return self._advance(pending.app, pending.call, pending.gen, None if error else _Sent(value), error)
+
     async def finish(self, pending: Pending) -> Reply:
         """Await the rest of a call that ``start`` could not complete."""
         try:

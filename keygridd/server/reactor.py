@@ -8,10 +8,16 @@ complete on the loop (``Connection.on_readable``): most calls do (a signature
 with an EC key, random bytes, a find). The replies go out in the same turn of
 trio's loop, so a call costs one wakeup of the daemon per batch of clients
 rather than a trio task switch, an epoll registration and a failed ``recv``
-per request. A request that must wait (a worker thread, a module call, an
-injected delay, an earlier call of its session), end of file, a protocol
-error or a reply the socket does not take at once wake the connection's task
-(``Reactor.wake``), which carries on as if it had read the request itself.
+per request. A request that must wait (a worker thread, an injected delay, an earlier
+call of its session), end of file, a protocol error or a reply the socket
+does not take at once wake the connection's task (``Reactor.wake``), which
+carries on as if it had read the request itself.
+
+A module call (a ``pkcs11`` slot) does not wake the task either when its
+request can go out at once: the connection is held (not read) while the
+module works, the module's lane is watched in the same epoll set
+(``watch_reply``), and the reactor reads the reply in its turn and lets the
+connection finish the request and send its answer (``Backend.submit``).
 
 Busy polling: a client that makes one call after another (``C_SignInit`` then
 ``C_Sign``) sends its next request a few microseconds after it reads a reply.
@@ -22,20 +28,27 @@ readable (one read by its own task is then served through trio). It never
 polls while several clients are busy (another connection was served within
 the last ``QUIET`` seconds): the machine's cores are better left to them. A
 connection that comes back from its task (after a module call, say) wakes a
-sleeping reactor to poll for its next request. With ``microseconds = 0`` it
-never polls.
+sleeping reactor to poll for its next request. While it waits for a module's
+reply it polls for up to ``REPLY_POLL`` (300 us) if that is longer: a fast
+module call (random bytes, an EC signature in SoftHSM2) answers within it.
+With ``microseconds = 0`` it never polls.
 """
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
+log = logging.getLogger("keygridd.reactor")
+
 QUIET = 0.002  # seconds without another connection's request before the reactor may poll
+REPLY_POLL = 0.0003  # seconds polled for a module's reply (a fast call: random bytes, an EC signature)
 MAX_FRAMES_PER_TURN = 16  # requests of one connection answered in one turn; the rest go to its task
 
 
@@ -53,9 +66,13 @@ class Reactor:
     def __init__(self, microseconds: int = 0, quiet: float = QUIET) -> None:
         self.budget = microseconds / 1_000_000
         self.quiet = quiet
-        self._epoll = select.epoll()  # parked connections, while parked
+        self._epoll = select.epoll()  # parked connections, while parked; lanes of module calls started here
         self._all = select.epoll()  # every connection, level-triggered: is anyone waiting?
+        self._all.register(self._epoll.fileno(), select.EPOLLIN)  # ... or a module's reply
         self._parked: dict[int, tuple[Parkable, trio.lowlevel.Task]] = {}
+        self._holding: dict[int, tuple[Parkable, trio.lowlevel.Task]] = {}  # parked, not read: a module works
+        self._replies: dict[int, Callable[[], None]] = {}  # lanes of module calls started here
+        self._handoffs = 0
         self._last_fd = -1  # the connection served last
         self._since = 0.0  # when another connection than that one was last served
         self._sleep: trio.CancelScope | None = None  # while the reactor sleeps in trio's epoll
@@ -75,39 +92,86 @@ class Reactor:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     def watches(self, fd: int) -> bool:
-        """Is the connection on ``fd`` parked here?"""
-        return fd in self._parked
+        """Is the connection on ``fd`` parked here (read or held)?"""
+        return fd in self._parked or fd in self._holding
 
     def wake(self, fd: int) -> None:
         """Hand a parked connection back to its task."""
         task = self._unpark(fd)
         if task is not None:
+            self._handoffs += 1
             trio.lowlevel.reschedule(task)
 
     def _unpark(self, fd: int) -> trio.lowlevel.Task | None:
         parked = self._parked.pop(fd, None)
         if parked is None:
-            return None
+            held = self._holding.pop(fd, None)
+            return held[1] if held is not None else None
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
             pass  # closed meanwhile
         return parked[1]
 
+    def hold(self, fd: int) -> None:
+        """Stop reading a parked connection while a module works on its request (its task stays parked)."""
+        parked = self._parked.pop(fd, None)
+        if parked is not None:
+            self._holding[fd] = parked
+            self._epoll.unregister(fd)
+
+    def holds(self, fd: int, conn: Parkable) -> bool:
+        """Is ``conn`` held here (and not cancelled meanwhile)?"""
+        held = self._holding.get(fd)
+        return held is not None and held[0] is conn
+
+    def release(self, fd: int) -> None:
+        """Read a held connection again."""
+        held = self._holding.pop(fd, None)
+        if held is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+            self._parked[fd] = held
+
+    def watch_reply(self, fd: int, on_readable: Callable[[], None]) -> None:
+        """Call ``on_readable`` in the reactor's turn while ``fd`` (a module's lane) is readable.
+
+        A lane stays registered, one-shot, from its first call to its closing: arming it again is one
+        system call per module call, and nothing needs undoing when the reply has come."""
+        self._replies[fd] = on_readable
+        self._arm(fd)
+
+    def _arm(self, fd: int) -> None:
+        try:
+            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        except FileNotFoundError:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+
+    def unwatch_reply(self, fd: int) -> None:
+        """Stop calling the lane's ``on_readable`` (an armed registration fires once more, ignored)."""
+        self._replies.pop(fd, None)
+
     def serve_ready(self, events: list[tuple[int, int]]) -> int:
-        """Let each readable parked connection answer what it has received; how many went back to their task."""
-        woken = 0
+        """Let each readable parked connection answer what it has received, and each watched lane hand
+        over its reply; how many connections went back to their task."""
+        self._handoffs = 0
         now = time.perf_counter()
         for fd, _ in events:
+            on_reply = self._replies.get(fd)
+            if on_reply is not None:
+                try:
+                    on_reply()
+                    if fd in self._replies:
+                        self._arm(fd)  # still watched: the rest of the reply is to come
+                except Exception:  # a bug: the reactor serves on; the call's deadline fails it
+                    log.exception("a module reply handler failed")
+                    self.unwatch_reply(fd)
+                continue
             if fd != self._last_fd:
                 self._last_fd, self._since = fd, now
             parked = self._parked.get(fd)
-            if parked is None:
-                continue
-            if not parked[0].on_readable():
+            if parked is not None and not parked[0].on_readable():
                 self.wake(fd)
-                woken += 1
-        return woken
+        return self._handoffs
 
     def watch(self, sock: socket.socket) -> None:
         """Count a new connection in ``nobody_waiting`` and in the busy polls' stop condition."""
@@ -162,12 +226,10 @@ class Reactor:
         now = time.perf_counter()
         if now - self._since < self.quiet or trio.lowlevel.current_statistics().tasks_runnable:
             return events
-        end = now + self.budget
-        parked = self._parked
+        end = now + (max(self.budget, REPLY_POLL) if self._replies else self.budget)
         while time.perf_counter() < end:
-            ready = self._all.poll(0)
-            if ready:
-                return [event for event in ready if event[0] in parked]
+            if self._all.poll(0):
+                return self._epoll.poll(0)  # none when it is a connection its task reads
         return []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -6,13 +6,17 @@ lanes: connected Unix stream socket pairs, one call at a time on each.
 Rules:
 
 * The trio loop never blocks and no thread or task is made per call: a call
-  takes a free lane, writes one frame (a non-blocking ``send``) and waits with
-  ``trio.lowlevel.wait_readable`` for the reply frame (after polling for it
-  briefly when nothing else is runnable: ``_spin``).
+  takes a free lane and writes one frame (a non-blocking ``send``). Awaited
+  (``call``), it waits with ``trio.lowlevel.wait_readable`` for the reply
+  (after polling for it briefly when nothing else is runnable:
+  ``lanes.spin``). Started from the loop (``submit``, when a clean lane is
+  free), the lane is watched by the caller's ``ReplyWatcher`` (the server's
+  reactor), which reads the reply in its own turn and hands it to ``done``.
 * Every call is bounded by ``call_timeout``, waiting for a lane or a restart
-  included. A call that times out after its request went out leaves its lane
-  stuck: the lane is closed and never reused; when every lane is stuck the
-  worker is killed (SIGKILL) and restarted like a crashed one.
+  included (a submitted call's deadline is kept by a watchdog task). A call
+  that times out after its request went out leaves its lane stuck: the lane
+  is closed and never reused; when every lane is stuck the worker is killed
+  (SIGKILL) and restarted like a crashed one.
 * A worker that dies (exit, signal, EOF on a lane, a garbled reply) fails
   every call in flight with CKR_DEVICE_ERROR and is restarted by a
   supervising system task after a delay of 0.1 s, doubling up to 5 s while
@@ -32,22 +36,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 import keygridd
-from keygridd.core.offload import may_busy_poll
+from keygridd.core.offload import Done, ReplyWatcher
 from keygridd.pkcs11.errors import ArgumentsBad, DeviceError, error_for
 from keygridd.protocol.codec import unpack
+from keygridd.providers.pkcs11.lanes import IDLE, RECV_SIZE, SENDING, WAITING, Lane
 from keygridd.providers.pkcs11.worker import MAX_FRAME, decode_result, encode_request
 
 log = logging.getLogger("keygridd.pkcs11")
@@ -57,9 +62,8 @@ START_TIMEOUT = 30.0  # loading and initialising a module (an HSM client may be 
 CLOSE_GRACE = 2.0
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 STABLE_AFTER = 10.0
-_RECV_SIZE = 1 << 16
-SPIN = 0.0002  # seconds a call polls for its reply before it sleeps (see _spin)
-_IDLE, _SENDING, _WAITING = 0, 1, 2
+SUBMIT_MAX = 1 << 15  # larger requests are awaited by a task (a clean lane takes this much at once)
+EOF_GRACE = 1.0  # seconds a lane at end of file waits for its worker's exit status
 
 
 class WorkerFailed(Exception):
@@ -77,106 +81,23 @@ def _exit_text(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def _spin(sock: socket.socket) -> bytes | None:
-    """Poll for a reply for up to SPIN seconds, while the loop has nothing else to do (else None).
+@dataclass(slots=True)
+class _Submitted:
+    """A call started from the loop, its reply not yet read."""
 
-    A fast module call (random bytes, an ECDSA signature) answers within that
-    time; polling for it costs nothing the loop could have used and saves a
-    pass through epoll and the scheduler, which here costs more than the call.
-    The poll ends as soon as a task is runnable or a client has a request
-    waiting (``may_busy_poll``): the loop serves them meanwhile.
-    """
-    if trio.lowlevel.current_statistics().tasks_runnable:
-        return None
-    allowed = may_busy_poll.get()
-    ready = select.poll()
-    ready.register(sock, select.POLLIN)
-    end = time.perf_counter() + SPIN
-    while allowed():
-        if ready.poll(0):
-            try:
-                return sock.recv(_RECV_SIZE)
-            except BlockingIOError:
-                return None  # readiness without data: wait the usual way
-        if time.perf_counter() >= end:
-            break
-    return None
-
-
-class _Lane:
-    """One socket of the daemon's end: frames out, frames in, and what is in flight."""
-
-    __slots__ = ("_buffer", "closed", "orphans", "sock", "state")
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self._buffer = bytearray()
-        self.state = _IDLE
-        self.orphans = 0  # replies of cancelled calls still to come; the next call discards them
-        self.closed = False
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
-
-    async def send(self, frame: bytes) -> None:
-        sent = 0
-        view = memoryview(frame)
-        while True:
-            try:
-                sent += self.sock.send(view[sent:])
-            except BlockingIOError:
-                pass
-            if sent == len(frame):
-                return
-            if sent:
-                self.state = _SENDING
-            await trio.lowlevel.wait_writable(self.sock)
-
-    async def receive(self) -> bytes:
-        buffer = self._buffer
-        while True:
-            if len(buffer) >= 4:
-                end = 4 + int.from_bytes(buffer[:4], "big")
-                if end > 4 + MAX_FRAME:
-                    raise EOFError("a reply frame is too long")
-                if len(buffer) >= end:
-                    body = bytes(buffer[4:end])
-                    del buffer[:end]
-                    return body
-            got: bytes | None
-            try:
-                got = self.sock.recv(_RECV_SIZE)
-            except BlockingIOError:
-                got = _spin(self.sock)
-            if got is None:
-                await trio.lowlevel.wait_readable(self.sock)
-                continue
-            chunk = got
-            if not chunk:
-                raise EOFError("the worker closed the lane")
-            if not buffer and len(chunk) >= 4 and len(chunk) == 4 + int.from_bytes(chunk[:4], "big"):
-                return chunk[4:]  # the usual case: one recv, one whole reply
-            buffer += chunk
-
-    async def roundtrip(self, frame: bytes) -> bytes:
-        while self.orphans:
-            await self.receive()
-            self.orphans -= 1
-        await self.send(frame)
-        self.state = _WAITING
-        body = await self.receive()
-        self.state = _IDLE
-        return body
+    method: str
+    args: Sequence[Any]
+    done: Done
+    watcher: ReplyWatcher
+    deadline: float
+    current: _Incarnation
+    at_eof: bool = False  # its lane ended: the worker is dying, its exit status comes soon
 
 
 class _Incarnation:
     """One worker process and its lanes."""
 
-    def __init__(self, process: trio.Process, lanes: list[_Lane], threads_ok: bool) -> None:
+    def __init__(self, process: trio.Process, lanes: list[Lane], threads_ok: bool) -> None:
         self.process = process
         self.lanes = lanes
         self.free = list(lanes)
@@ -223,6 +144,8 @@ class ModuleWorker:
         self._backoff = BACKOFF_MIN
         self._supervisor: trio.CancelScope | None = None
         self._supervisor_done: trio.Event | None = None
+        self._submitted: dict[Lane, _Submitted] = {}
+        self._watchdog_wake: trio.Event | None = None  # set to wake the parked watchdog
 
     @property
     def ready(self) -> bool:
@@ -243,6 +166,7 @@ class ModuleWorker:
         self._adopt(await self._spawn())
         self._supervisor_done = trio.Event()
         trio.lowlevel.spawn_system_task(self._supervise, name=f"pkcs11 worker supervisor {self.module}")
+        trio.lowlevel.spawn_system_task(self._watchdog, name=f"pkcs11 worker watchdog {self.module}")
 
     async def aclose(self) -> None:
         """Stop the worker (C_Finalize on a clean exit) and reap it; calls in flight fail."""
@@ -251,14 +175,18 @@ class ModuleWorker:
         self._closed = True
         if self._supervisor is not None:
             self._supervisor.cancel()
+        self._wake_watchdog()
         self._lot.unpark_all()
         current = self._current
         with trio.CancelScope(shield=True):
             if current is not None:
                 if current.dead is None:
                     current.dead = "was closed"
+                    failed = self._fail_submitted(current)
                     for lane in current.lanes:
                         lane.close()
+                    for entry in failed:
+                        entry.done(None, DeviceError(f"{entry.method}: {current.why()}"))
                     with trio.move_on_after(CLOSE_GRACE):
                         await current.process.wait()
                 with contextlib.suppress(OSError):
@@ -276,7 +204,7 @@ class ModuleWorker:
     async def _spawn(self) -> _Incarnation:
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(self._want_lanes)]
         fds = [theirs.fileno() for _, theirs in pairs]
-        argv = [sys.executable, "-m", "keygridd.providers.pkcs11.worker", "--module", self.module]
+        argv = [sys.executable, "-P", "-m", "keygridd.providers.pkcs11.worker", "--module", self.module]
         argv += ["--lanes", str(len(fds)), "--fds", ",".join(map(str, fds))]
         try:
             process = await trio.lowlevel.open_process(
@@ -289,7 +217,7 @@ class ModuleWorker:
         finally:
             for _, theirs in pairs:
                 theirs.close()
-        lanes = [_Lane(ours) for ours, _ in pairs]
+        lanes = [Lane(ours) for ours, _ in pairs]
         try:
             with trio.fail_after(self.start_timeout):
                 hello = unpack(await lanes[0].receive())
@@ -375,14 +303,17 @@ class ModuleWorker:
         current.dead = reason
         with contextlib.suppress(OSError):
             current.process.kill()
+        failed = self._fail_submitted(current)
         for lane in current.lanes:
             lane.close()
         current.free.clear()
         self._lot.unpark_all()
+        for entry in failed:
+            entry.done(None, DeviceError(f"{entry.method}: {current.why()}"))
 
     # --- calls ----------------------------------------------------------------------------------------
 
-    async def _acquire(self, method: str, deadline: float) -> tuple[_Incarnation, _Lane]:
+    async def _acquire(self, method: str, deadline: float) -> tuple[_Incarnation, Lane]:
         while True:
             current = self._current
             if self._closed or current is None:
@@ -397,7 +328,7 @@ class ModuleWorker:
             if scope.cancelled_caught:
                 raise DeviceError(f"{method}: no PKCS#11 module worker lane within {self.call_timeout:g} s")
 
-    def _release(self, current: _Incarnation, lane: _Lane) -> None:
+    def _release(self, current: _Incarnation, lane: Lane) -> None:
         if current.dead is None and not lane.closed:
             if lane.orphans:
                 current.free.insert(0, lane)  # clean lanes first
@@ -405,20 +336,20 @@ class ModuleWorker:
                 current.free.append(lane)
             self._lot.unpark()
 
-    def _stick(self, current: _Incarnation, lane: _Lane) -> None:
+    def _stick(self, current: _Incarnation, lane: Lane) -> None:
         lane.close()
         current.stuck += 1
         if current.stuck >= len(current.lanes):
             self._bury(current, f"was killed: every lane is stuck (calls exceeded {self.call_timeout:g} s)")
 
-    def _abandon(self, current: _Incarnation, lane: _Lane) -> None:
+    def _abandon(self, current: _Incarnation, lane: Lane) -> None:
         """The caller was cancelled from outside during its round trip."""
-        if lane.state == _SENDING:
+        if lane.state == SENDING:
             self._stick(current, lane)  # half a frame cannot be taken back
             return
-        if lane.state == _WAITING:
+        if lane.state == WAITING:
             lane.orphans += 1
-            lane.state = _IDLE
+            lane.state = IDLE
         self._release(current, lane)
 
     async def call(self, method: str, args: Sequence[Any]) -> Any:
@@ -432,24 +363,161 @@ class ModuleWorker:
             with trio.CancelScope(deadline=deadline) as scope:
                 body = await lane.roundtrip(frame)
             if not scope.cancelled_caught:
-                reply = unpack(body)
-                rv, result = reply[0], reply[1]
+                reply = _reply(body)
         except trio.Cancelled:
             self._abandon(current, lane)
             raise
         except (OSError, EOFError, ValueError, TypeError, IndexError, trio.ClosedResourceError):
             self._bury(current, "died")
-            with trio.move_on_after(1.0):  # for the exit status in the message
+            with trio.move_on_after(EOF_GRACE):  # for the exit status in the message
                 await current.process.wait()
             raise DeviceError(f"{method}: {current.why()}") from None
         if scope.cancelled_caught:
-            log.warning(
-                "PKCS#11 module %s: %s timed out after %g s; its lane is stuck", self.module, method, self.call_timeout
-            )
-            self._stick(current, lane)
+            self._time_out(current, lane, method)
             raise DeviceError(f"{method} timed out after {self.call_timeout:g} s")
         self._release(current, lane)
-        if rv == 0:
-            return decode_result(method, args, result)
-        message = reply[2] if len(reply) > 2 and isinstance(reply[2], str) else method
-        raise error_for(rv)(message, result=decode_result(method, args, result))
+        return _result(method, args, reply)
+
+    def _time_out(self, current: _Incarnation, lane: Lane, method: str) -> None:
+        log.warning(
+            "PKCS#11 module %s: %s timed out after %g s; its lane is stuck", self.module, method, self.call_timeout
+        )
+        self._stick(current, lane)
+
+    # --- calls started from the loop ------------------------------------------------------------------
+
+    def submit(self, method: str, args: Sequence[Any], done: Done, watcher: ReplyWatcher) -> bool:
+        """Send ``method`` at once on a free clean lane and have ``watcher`` read the reply: True, and
+        ``done(result, error)`` is called later (from the loop, never from here); False when nothing went
+        out (no such lane, a large request, a worker not serving): await ``call`` instead."""
+        current = self._current
+        if self._closed or current is None or current.dead is not None or not current.free:
+            return False
+        lane = current.free[-1]
+        if not lane.clean:
+            return False
+        try:
+            frame = encode_request(method, args)
+        except Exception:
+            return False  # ``call`` raises it
+        if len(frame) > SUBMIT_MAX:
+            return False
+        try:
+            sent = lane.sock.send(frame)
+        except OSError:
+            return False  # a full or broken lane: ``call`` finds out what is wrong
+        current.free.pop()
+        if sent < len(frame):  # half a request cannot be taken back; the worker never runs it
+            self._stick(current, lane)
+            return False
+        lane.state = WAITING
+        deadline = trio.current_time() + self.call_timeout
+        self._submitted[lane] = _Submitted(method, args, done, watcher, deadline, current)
+        watcher.watch_reply(lane.sock.fileno(), partial(self._on_reply, lane))
+        self._wake_watchdog()
+        return True
+
+    def _on_reply(self, lane: Lane) -> None:
+        """The watcher's turn: the submitted call's lane is readable."""
+        entry = self._submitted.get(lane)
+        if entry is None or entry.at_eof:
+            return
+        try:
+            chunk = lane.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        try:
+            if not chunk:
+                raise EOFError("the worker closed the lane")
+            body = lane.take(chunk)
+        except EOFError:
+            # The worker is dying: its supervisor fails the call with the exit status; if the process
+            # lives on without this lane, the watchdog fails it shortly.
+            entry.watcher.unwatch_reply(lane.sock.fileno())
+            entry.at_eof = True
+            entry.deadline = min(entry.deadline, trio.current_time() + EOF_GRACE)
+            return
+        if body is None:
+            return  # the rest of the reply comes in a later turn
+        self._forget(lane)
+        lane.state = IDLE
+        current = entry.current
+        try:
+            reply = _reply(body)
+        except ValueError:
+            self._bury(current, "died")
+            entry.done(None, DeviceError(f"{entry.method}: {current.why()}"))
+            return
+        self._release(current, lane)
+        try:
+            value = _result(entry.method, entry.args, reply)
+        except Exception as exc:  # its CKR, or a garbled result (CKR_GENERAL_ERROR, as an awaited call's)
+            entry.done(None, exc)
+        else:
+            entry.done(value, None)
+
+    def _forget(self, lane: Lane) -> _Submitted | None:
+        entry = self._submitted.pop(lane, None)
+        if entry is not None and not entry.at_eof and not lane.closed:
+            entry.watcher.unwatch_reply(lane.sock.fileno())
+        return entry
+
+    def _fail_submitted(self, current: _Incarnation) -> list[_Submitted]:
+        """Stop watching the submitted calls of a worker going out of service; the caller fails them."""
+        failed = []
+        for lane in [lane for lane, entry in self._submitted.items() if entry.current is current]:
+            entry = self._forget(lane)
+            if entry is not None:
+                failed.append(entry)
+        return failed
+
+    def _wake_watchdog(self) -> None:
+        if self._watchdog_wake is not None:
+            self._watchdog_wake.set()
+            self._watchdog_wake = None
+
+    async def _watchdog(self) -> None:
+        """Fail submitted calls past their deadline (their lanes are stuck), and calls whose lane ended
+        without the worker exiting."""
+        try:
+            while not self._closed:
+                if not self._submitted:
+                    self._watchdog_wake = trio.Event()
+                    await self._watchdog_wake.wait()
+                    continue
+                await trio.sleep_until(min(entry.deadline for entry in self._submitted.values()))
+                now = trio.current_time()
+                for lane, entry in list(self._submitted.items()):
+                    if entry.deadline > now or self._submitted.get(lane) is not entry:
+                        continue
+                    current = entry.current
+                    if entry.at_eof and current.dead is None:
+                        self._bury(current, "died")  # fails it with the others
+                        continue
+                    self._forget(lane)
+                    if entry.at_eof:
+                        entry.done(None, DeviceError(f"{entry.method}: {current.why()}"))
+                        continue
+                    self._time_out(current, lane, entry.method)
+                    entry.done(None, DeviceError(f"{entry.method} timed out after {self.call_timeout:g} s"))
+        except Exception:
+            log.exception("PKCS#11 module %s: the worker watchdog failed", self.module)
+
+
+def _reply(body: bytes) -> list[Any]:
+    """``[rv, result, message...]`` from a reply frame's body (ValueError: garbled, the worker is broken)."""
+    reply = unpack(body)
+    if not (isinstance(reply, list) and len(reply) >= 2 and type(reply[0]) is int):
+        raise ValueError("a malformed reply")
+    return reply
+
+
+def _result(method: str, args: Sequence[Any], reply: list[Any]) -> Any:
+    """A reply's result, or its CKR raised."""
+    rv, result = reply[0], reply[1]
+    if rv == 0:
+        return decode_result(method, args, result)
+    message = reply[2] if len(reply) > 2 and isinstance(reply[2], str) else method
+    raise error_for(rv)(message, result=decode_result(method, args, result))

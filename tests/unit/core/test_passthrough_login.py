@@ -39,6 +39,9 @@ class FakeModule:
     async def call(self, method: str, args: Sequence[Any]) -> Any:
         return self.answer(method, args)
 
+    def submit(self, method: str, args: Sequence[Any], done: Any, watcher: Any) -> bool:
+        return False  # never started from the loop: every call is awaited
+
     def answer(self, method: str, args: Sequence[Any]) -> Any:
         if method == "KG_FindToken":
             return 0
