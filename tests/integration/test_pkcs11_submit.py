@@ -10,6 +10,7 @@ started call is in flight.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -194,3 +195,29 @@ async def test_closing_the_worker_fails_a_started_call(
     await worker.aclose()
     _, error = await hanging.outcome(timeout=5)
     assert isinstance(error, DeviceError) and "was closed" in str(error)
+
+
+async def test_a_lane_that_ends_under_a_started_call_fails_it_soon(
+    softhsm_env: dict[str, str], fault_module: str, reactor: Reactor
+) -> None:
+    """End of file on the lane while the worker lives on: the call fails within EOF_GRACE, not at its
+    30 s deadline, and the worker is replaced."""
+    worker = await started(fault_module, softhsm_env, call_timeout=30.0)
+    try:
+        session = await signing(worker)
+        hanging = submit(worker, reactor, "C_Sign", [session, b"hang" + DIGEST[4:], None])
+        await trio.testing.wait_all_tasks_blocked()  # the watchdog sleeps until the call's 30 s deadline
+        current = worker._current
+        assert current is not None
+        (lane,) = [lane for lane in current.lanes if lane not in current.free]
+        began = time.monotonic()
+        lane.sock.shutdown(socket.SHUT_RD)  # our end reads end of file; the worker's thread still hangs
+        _, error = await hanging.outcome(timeout=10)
+        assert isinstance(error, DeviceError) and "died" in str(error)
+        assert time.monotonic() - began < 10
+        with trio.fail_after(20):
+            while not worker.ready:
+                await trio.sleep(0.05)
+        assert worker.generation == 1
+    finally:
+        await worker.aclose()

@@ -146,6 +146,7 @@ class ModuleWorker:
         self._supervisor_done: trio.Event | None = None
         self._submitted: dict[Lane, _Submitted] = {}
         self._watchdog_wake: trio.Event | None = None  # set to wake the parked watchdog
+        self._watchdog_sleep: trio.CancelScope | None = None  # its sleep until the next deadline
 
     @property
     def ready(self) -> bool:
@@ -438,6 +439,8 @@ class ModuleWorker:
             entry.watcher.unwatch_reply(lane.sock.fileno())
             entry.at_eof = True
             entry.deadline = min(entry.deadline, trio.current_time() + EOF_GRACE)
+            if self._watchdog_sleep is not None:
+                self._watchdog_sleep.deadline = min(self._watchdog_sleep.deadline, entry.deadline)
             return
         if body is None:
             return  # the rest of the reply comes in a later turn
@@ -487,7 +490,10 @@ class ModuleWorker:
                     self._watchdog_wake = trio.Event()
                     await self._watchdog_wake.wait()
                     continue
-                await trio.sleep_until(min(entry.deadline for entry in self._submitted.values()))
+                with trio.CancelScope(deadline=min(entry.deadline for entry in self._submitted.values())) as sleep:
+                    self._watchdog_sleep = sleep
+                    await trio.sleep_forever()
+                self._watchdog_sleep = None
                 now = trio.current_time()
                 for lane, entry in list(self._submitted.items()):
                     if entry.deadline > now or self._submitted.get(lane) is not entry:
