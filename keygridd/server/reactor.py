@@ -8,10 +8,10 @@ complete on the loop (``Connection.on_readable``): most calls do (a signature
 with an EC key, random bytes, a find). The replies go out in the same turn of
 trio's loop, so a call costs one wakeup of the daemon per batch of clients
 rather than a trio task switch, an epoll registration and a failed ``recv``
-per request. A request that must wait (a worker thread, an injected delay, an earlier
-call of its session), end of file, a protocol error or a reply the socket
-does not take at once wake the connection's task (``Reactor.wake``), which
-carries on as if it had read the request itself.
+per request. A request that must wait (a worker thread, an injected delay,
+an earlier call of its session), end of file, a protocol error or a reply
+the socket does not take at once wake the connection's task
+(``Reactor.wake``), which carries on as if it had read the request itself.
 
 A module call (a ``pkcs11`` slot) does not wake the task either when its
 request can go out at once: the connection is held (not read) while the

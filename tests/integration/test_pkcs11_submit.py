@@ -79,6 +79,14 @@ async def signing(worker: ModuleWorker) -> int:
     return session
 
 
+async def restarted(worker: ModuleWorker) -> None:
+    """Wait for the first restart of ``worker`` to be serving."""
+    with trio.fail_after(20):
+        while not worker.ready:
+            await trio.sleep(0.05)
+    assert worker.generation == 1
+
+
 def submit(worker: ModuleWorker, reactor: Reactor, method: str, args: Sequence[Any]) -> Started:
     started_call = Started()
     assert worker.submit(method, args, started_call.done, reactor)
@@ -176,10 +184,7 @@ async def test_a_started_call_fails_when_the_worker_dies(
         _, error = await submit(worker, reactor, "C_Sign", [session, b"crash" + DIGEST[5:], None]).outcome()
         assert isinstance(error, DeviceError)
         assert re.search(r"C_Sign: the PKCS#11 module worker \(pid \d+\) died \(killed by SIGABRT\)", str(error))
-        with trio.fail_after(20):
-            while not worker.ready:
-                await trio.sleep(0.05)
-        assert worker.generation == 1
+        await restarted(worker)
         session = await login(worker)
         assert len((await submit(worker, reactor, "C_GenerateRandom", [session, 8]).outcome())[0]) == 8
     finally:
@@ -215,9 +220,6 @@ async def test_a_lane_that_ends_under_a_started_call_fails_it_soon(
         _, error = await hanging.outcome(timeout=10)
         assert isinstance(error, DeviceError) and "died" in str(error)
         assert time.monotonic() - began < 10
-        with trio.fail_after(20):
-            while not worker.ready:
-                await trio.sleep(0.05)
-        assert worker.generation == 1
+        await restarted(worker)
     finally:
         await worker.aclose()

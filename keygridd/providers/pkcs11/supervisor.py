@@ -183,11 +183,7 @@ class ModuleWorker:
             if current is not None:
                 if current.dead is None:
                     current.dead = "was closed"
-                    failed = self._fail_submitted(current)
-                    for lane in current.lanes:
-                        lane.close()
-                    for entry in failed:
-                        entry.done(None, DeviceError(f"{entry.method}: {current.why()}"))
+                    self._close_lanes(current)
                     with trio.move_on_after(CLOSE_GRACE):
                         await current.process.wait()
                 with contextlib.suppress(OSError):
@@ -304,13 +300,19 @@ class ModuleWorker:
         current.dead = reason
         with contextlib.suppress(OSError):
             current.process.kill()
-        failed = self._fail_submitted(current)
+        self._close_lanes(current)
+
+    def _close_lanes(self, current: _Incarnation) -> None:
+        """Close the lanes of a worker gone out of service (``current.dead`` says why): awaited calls wake
+        and submitted ones fail."""
+        failed = [self._forget(lane) for lane, entry in list(self._submitted.items()) if entry.current is current]
         for lane in current.lanes:
             lane.close()
         current.free.clear()
         self._lot.unpark_all()
         for entry in failed:
-            entry.done(None, DeviceError(f"{entry.method}: {current.why()}"))
+            if entry is not None:
+                entry.done(None, DeviceError(f"{entry.method}: {current.why()}"))
 
     # --- calls ----------------------------------------------------------------------------------------
 
@@ -466,15 +468,6 @@ class ModuleWorker:
         if entry is not None and not entry.at_eof and not lane.closed:
             entry.watcher.unwatch_reply(lane.sock.fileno())
         return entry
-
-    def _fail_submitted(self, current: _Incarnation) -> list[_Submitted]:
-        """Stop watching the submitted calls of a worker going out of service; the caller fails them."""
-        failed = []
-        for lane in [lane for lane, entry in self._submitted.items() if entry.current is current]:
-            entry = self._forget(lane)
-            if entry is not None:
-                failed.append(entry)
-        return failed
 
     def _wake_watchdog(self) -> None:
         if self._watchdog_wake is not None:
