@@ -1,7 +1,8 @@
 """Hatchling build hook: compile the C PKCS#11 shim into the wheel.
 
-Runs ``make -C keygrid_pkcs11_shim`` and ships the result as
-``keygridd/lib/libkeygrid-pkcs11.so`` (where ``keygrid shim-path`` looks):
+Runs ``make -C keygrid_pkcs11_shim`` and ships the results as
+``keygridd/lib/libkeygrid-pkcs11.so`` (where ``keygrid shim-path`` looks) and
+``keygridd/lib/libkeygrid-worker.so`` (the pkcs11 provider's worker lanes):
 in a wheel through ``force_include`` (the wheel is then tagged for the
 platform), in an editable install by copying it into the source tree
 (``keygridd/lib/*.so`` is ignored by git). The sdist carries the C sources
@@ -20,7 +21,7 @@ from typing import Any
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 SHIM_NAME = "libkeygrid-pkcs11.so"
-TARGET = f"keygridd/lib/{SHIM_NAME}"
+LIBRARIES = (SHIM_NAME, "libkeygrid-worker.so")
 
 
 class ShimBuildHook(BuildHookInterface):  # type: ignore[misc]
@@ -35,12 +36,15 @@ class ShimBuildHook(BuildHookInterface):  # type: ignore[misc]
         root = Path(self.root)
         shim_dir = root / "keygrid_pkcs11_shim"
         subprocess.run(["make", "-C", str(shim_dir)], check=True)
-        built = shim_dir / "build" / SHIM_NAME
+        for name in LIBRARIES:
+            built = shim_dir / "build" / name
+            if version == "editable":
+                target = root / "keygridd" / "lib" / name
+                target.parent.mkdir(exist_ok=True)
+                shutil.copy2(built, target)
+            else:
+                build_data["force_include"][str(built)] = f"keygridd/lib/{name}"
         if version == "editable":
-            target = root / TARGET
-            target.parent.mkdir(exist_ok=True)
-            shutil.copy2(built, target)
             return
-        build_data["force_include"][str(built)] = TARGET
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

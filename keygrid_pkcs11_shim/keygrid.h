@@ -95,6 +95,7 @@ struct kg_buf {
 };
 
 void kg_buf_free(struct kg_buf *b);
+void kg_put_raw(struct kg_buf *b, const void *p, size_t n); /* bytes as they are */
 void kg_put_nil(struct kg_buf *b);
 void kg_put_bool(struct kg_buf *b, int v);
 void kg_put_uint(struct kg_buf *b, uint64_t v);

@@ -103,7 +103,7 @@ static void put_len(struct kg_buf *b, size_t n, uint8_t fix, size_t fixmax, cons
 		b->failed = 1;
 }
 
-static void put_raw(struct kg_buf *b, const void *p, size_t n)
+void kg_put_raw(struct kg_buf *b, const void *p, size_t n)
 {
 	uint8_t *dst = reserve(b, n);
 	if (dst && n) memcpy(dst, p, n);
@@ -113,14 +113,14 @@ void kg_put_bin(struct kg_buf *b, const void *p, size_t n)
 {
 	static const uint8_t tags[3] = {0xc4, 0xc5, 0xc6};
 	put_len(b, n, 0, 0, tags);
-	put_raw(b, p, n);
+	kg_put_raw(b, p, n);
 }
 
 void kg_put_str(struct kg_buf *b, const char *s, size_t n)
 {
 	static const uint8_t tags[3] = {0xd9, 0xda, 0xdb};
 	put_len(b, n, 0xa0, 31, tags);
-	put_raw(b, s, n);
+	kg_put_raw(b, s, n);
 }
 
 void kg_put_array(struct kg_buf *b, uint32_t n)

@@ -1,7 +1,10 @@
 """The PKCS#11 module worker against SoftHSM2: ckapi's passthrough, the lane protocol, and supervision.
 
 Each test gets a SoftHSM2 token directory of its own and a ``ModuleWorker``
-on it. Fault tests load ``tests/faultmodule/faultmod.c`` (built here), which
+on it. The passthrough tests run twice: with the lanes served by
+``libkeygrid-worker.so`` (the operation calls answered in C) and with
+``KEYGRID_WORKER_NATIVE=0`` (every call answered by the worker's Python); both
+must give the same results, CKRs and messages. Fault tests load ``tests/faultmodule/faultmod.c`` (built here), which
 forwards to SoftHSM2 but hangs or aborts in C_Sign when the data says so.
 """
 
@@ -26,7 +29,10 @@ from keygridd.pkcs11.errors import (
     DeviceError,
     FunctionNotSupported,
     GeneralError,
+    HostMemory,
     MechanismInvalid,
+    ObjectHandleInvalid,
+    OperationNotInitialized,
 )
 from keygridd.pkcs11.flags import SessionFlag
 from keygridd.pkcs11.params import GcmParams, Mechanism, OaepParams
@@ -61,9 +67,11 @@ async def started(module: str, env: dict[str, str], **options: Any) -> ModuleWor
     return worker
 
 
-@pytest.fixture
-async def worker(softhsm_env: dict[str, str]) -> AsyncIterator[ModuleWorker]:
-    w = await started(SOFTHSM, softhsm_env)
+@pytest.fixture(params=["native", "python"])
+async def worker(softhsm_env: dict[str, str], request: pytest.FixtureRequest) -> AsyncIterator[ModuleWorker]:
+    native = request.param == "native"
+    w = await started(SOFTHSM, {**softhsm_env, "KEYGRID_WORKER_NATIVE": "1" if native else "0"})
+    assert w.native is native  # make test builds libkeygrid-worker.so: the C lanes must be the ones serving
     yield w
     await w.aclose()
 
@@ -156,8 +164,17 @@ async def test_unknown_mechanism_is_the_modules_answer(worker: ModuleWorker) -> 
     with trio.fail_after(20):
         session = await login(worker)
         _, priv = await ec_key_pair(worker, session)
-        with pytest.raises(MechanismInvalid):
+        with pytest.raises(MechanismInvalid) as invalid:
             await worker.call("C_SignInit", [session, Mechanism(0x7FFF1234), priv])
+        assert invalid.value.message == "C_SignInit: the module's answer"
+        with pytest.raises(OperationNotInitialized) as not_initialized:
+            await worker.call("C_Sign", [session, DIGEST, None])
+        assert not_initialized.value.message == "C_Sign: the module's answer"
+        with pytest.raises(ObjectHandleInvalid):  # SoftHSM2 says so for an unknown key handle
+            await worker.call("C_VerifyInit", [session, Mechanism(CKM.ECDSA), 0x7FFF])
+        with pytest.raises(HostMemory) as too_much:  # above the worker's buffer limit: refused before the module
+            await worker.call("C_GenerateRandom", [session, 1 << 40])
+        assert "above the worker's limit" in too_much.value.message
         with pytest.raises(MechanismInvalid):
             await worker.call("C_GetMechanismInfo", [await worker.call("KG_FindToken", [LABEL, None]), 0x7FFF1234])
 

@@ -111,6 +111,7 @@ class Module:
         if not table:
             raise GeneralError("C_GetFunctionList gave a NULL function list")
         functions = table.contents
+        self.function_list: int = ctypes.addressof(functions)  # the module's CK_FUNCTION_LIST, for lanes.c
         self.version: tuple[int, int] = (functions.version.major, functions.version.minor)
         self._functions: dict[str, Any] = {}
         for name in FUNCTION_NAMES:

@@ -97,11 +97,12 @@ class _Submitted:
 class _Incarnation:
     """One worker process and its lanes."""
 
-    def __init__(self, process: trio.Process, lanes: list[Lane], threads_ok: bool) -> None:
+    def __init__(self, process: trio.Process, lanes: list[Lane], threads_ok: bool, native: bool) -> None:
         self.process = process
         self.lanes = lanes
         self.free = list(lanes)
         self.threads_ok = threads_ok
+        self.native = native
         self.stuck = 0
         self.dead: str | None = None  # why it is out of service: "died", "was closed", "was killed: ..."
         self.started = trio.current_time()
@@ -133,6 +134,7 @@ class ModuleWorker:
         self.start_timeout = start_timeout
         self.generation = 0
         self.threads_ok = False
+        self.native = False  # the lanes are served by libkeygrid-worker.so (worker.py)
         self.lanes = 0
         self.on_restart: Callable[[int], None] | None = None
         self._want_lanes = lanes or DEFAULT_LANES
@@ -222,6 +224,7 @@ class ModuleWorker:
                 raise WorkerFailed(str(hello.get("error") if isinstance(hello, dict) else "a malformed hello"))
             used = int(hello["lanes"])
             threads_ok = bool(hello["threads_ok"])
+            native = bool(hello.get("native"))
         except BaseException as exc:
             for lane in lanes:
                 lane.close()
@@ -239,12 +242,13 @@ class ModuleWorker:
             raise
         for lane in lanes[used:]:
             lane.close()
-        return _Incarnation(process, lanes[:used], threads_ok)
+        return _Incarnation(process, lanes[:used], threads_ok, native)
 
     def _adopt(self, current: _Incarnation) -> None:
         self._current = current
         self._failure = None
         self.threads_ok = current.threads_ok
+        self.native = current.native
         self.lanes = len(current.lanes)
         self._lot.unpark_all()
 

@@ -5,11 +5,19 @@ Run by ``supervisor.ModuleWorker`` as::
     python -m keygridd.providers.pkcs11.worker --module PATH --lanes N --fds a,b,c
 
 It loads the module (``ckapi.Module``), writes a hello frame on lane 0 --
-``{"threads_ok": bool, "lanes": n_used}``, or ``{"error": message}`` and exit
-status 1 when the module cannot be loaded or initialised -- then serves each
-used lane from a thread of its own: read a request, call the module, write the
-reply. A module that cannot lock (CKR_CANT_LOCK) is served on lane 0 only.
-When every lane is closed the worker calls C_Finalize and exits.
+``{"threads_ok": bool, "lanes": n_used, "native": bool}``, or ``{"error":
+message}`` and exit status 1 when the module cannot be loaded or initialised --
+then serves each used lane from a thread of its own: read a request, call the
+module, write the reply. A module that cannot lock (CKR_CANT_LOCK) is served on
+lane 0 only. When every lane is closed the worker calls C_Finalize and exits.
+
+``native``: the lanes are served by ``libkeygrid-worker.so``
+(``keygrid_pkcs11_shim/lanes.c``, installed beside the shim in
+``keygridd/lib``). Its threads answer the calls of cryptographic operations
+on the module's function list without the interpreter and hand every other
+request to ``answer`` here, so both give the same replies.
+``KEYGRID_WORKER_NATIVE=0`` in the worker's environment, or the library
+missing (a build without a C compiler), serves every lane from Python.
 
 The lane protocol (private to this module and ``supervisor.py``): a frame is
 a 4-byte big-endian length and one MessagePack value. A request is
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import resource
 import select
@@ -39,6 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 from keygridd.core.remote import META_TYPES
@@ -59,10 +69,12 @@ from keygridd.protocol.codec import (
 )
 from keygridd.protocol.framing import HEADER
 from keygridd.providers.pkcs11.ckapi import CREATES, Module
+from keygridd.providers.pkcs11.ckstructs import POINTER_PARAMS
 
 MAX_FRAME = 1 << 27  # well above any PKCS#11 value a module returns (ckstructs.MAX_BUFFER is 64 MiB)
 MAX_ATTRIBUTES = 1 << 16
 EXTENSIONS = ("KG_FindAll", "KG_Meta", "KG_FindToken")
+NATIVE_LIB = "libkeygrid-worker.so"
 
 
 # --- requests ---------------------------------------------------------------------------------------------
@@ -218,6 +230,50 @@ def serve_lane(sock: socket.socket, module: Module) -> None:
         sock.close()
 
 
+# kg_lane_fallback (lanes.h): int (*)(int lane, const uint8_t *body, size_t len, struct kg_reply *out)
+_FALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+
+
+def native_library() -> ctypes.CDLL | None:
+    """``libkeygrid-worker.so`` ready to call; None when it is not installed or KEYGRID_WORKER_NATIVE=0."""
+    if os.environ.get("KEYGRID_WORKER_NATIVE", "1") == "0":
+        return None
+    path = str(resources.files("keygridd") / "lib" / NATIVE_LIB)
+    if not os.path.isfile(path):
+        return None
+    lib = ctypes.CDLL(path, mode=os.RTLD_LOCAL | os.RTLD_NOW)
+    lib.kg_lanes_serve.restype = ctypes.c_int
+    lib.kg_lanes_serve.argtypes = [
+        ctypes.POINTER(ctypes.c_int),
+        ctypes.c_int,
+        ctypes.c_void_p,
+        _FALLBACK,
+        ctypes.POINTER(ctypes.c_ulong),
+        ctypes.c_size_t,
+        ctypes.c_uint32,
+    ]
+    lib.kg_reply_set.restype = None
+    lib.kg_reply_set.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    return lib
+
+
+def serve_native(lib: ctypes.CDLL, socks: Sequence[socket.socket], module: Module) -> None:
+    """Serve the lanes from the library's threads until every one is closed (the library closes them)."""
+
+    def fallback(lane: int, body: int, length: int, out: int) -> int:
+        try:
+            frame = answer(module, ctypes.string_at(body, length))
+            lib.kg_reply_set(out, frame, len(frame))
+        except BaseException:  # never let an exception unwind into C: end this lane instead
+            return -1
+        return 0
+
+    callback = _FALLBACK(fallback)  # referenced until kg_lanes_serve returns
+    fds = (ctypes.c_int * len(socks))(*[sock.detach() for sock in socks])
+    pointers = (ctypes.c_ulong * len(POINTER_PARAMS))(*sorted(POINTER_PARAMS))
+    lib.kg_lanes_serve(fds, len(fds), module.function_list, callback, pointers, len(pointers), MAX_FRAME)
+
+
 def _die_with(parent: int) -> None:
     """SIGKILL this process when ``parent`` (the daemon) ends, even in the middle of a module call.
 
@@ -277,7 +333,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     used = lanes if module.threads_ok else lanes[:1]
     for lane in lanes[len(used) :]:
         lane.close()
-    _send_hello(lanes[0], {"threads_ok": module.threads_ok, "lanes": len(used)})
+    try:
+        native = native_library()
+    except OSError as exc:
+        _complain(f"{NATIVE_LIB} cannot be loaded ({type(exc).__name__}); serving from Python")
+        native = None
+    _send_hello(lanes[0], {"threads_ok": module.threads_ok, "lanes": len(used), "native": native is not None})
+    if native is not None:
+        serve_native(native, used, module)
+        module.finalize()
+        return 0
     threads = [threading.Thread(target=serve_lane, args=(lane, module), daemon=True) for lane in used[1:]]
     for thread in threads:
         thread.start()
