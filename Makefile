@@ -63,6 +63,7 @@ deps:
 # Both libraries also go where the editable install has them (keygridd/lib), so a rebuild is what runs.
 shim:
 	$(MAKE) -C $(SHIM)
+	install -d keygridd/lib
 	install -m 0755 $(SHIM)/build/libkeygrid-pkcs11.so $(SHIM)/build/libkeygrid-worker.so keygridd/lib/
 
 run: venv shim
