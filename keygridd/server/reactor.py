@@ -15,9 +15,11 @@ the socket does not take at once wake the connection's task
 
 A module call (a ``pkcs11`` slot) does not wake the task either when its
 request can go out at once: the connection is held (not read) while the
-module works, the module's lane is watched in the same epoll set
-(``watch_reply``), and the reactor reads the reply in its turn and lets the
-connection finish the request and send its answer (``Backend.submit``).
+module works (it stays in the epoll set unless its client sends more
+meanwhile; then it is taken out until the call is done), the module's lane
+is watched in the same epoll set (``watch_reply``), and the reactor reads the
+reply in its turn and lets the connection finish the request and send its
+answer (``Backend.submit``).
 
 Busy polling: a client that makes one call after another (``C_SignInit`` then
 ``C_Sign``) sends its next request a few microseconds after it reads a reply.
@@ -71,6 +73,7 @@ class Reactor:
         self._all.register(self._epoll.fileno(), select.EPOLLIN)  # ... or a module's reply
         self._parked: dict[int, tuple[Parkable, trio.lowlevel.Task]] = {}
         self._holding: dict[int, tuple[Parkable, trio.lowlevel.Task]] = {}  # parked, not read: a module works
+        self._held_watched: set[int] = set()  # held connections still in the epoll set (nothing came yet)
         self._replies: dict[int, Callable[[], None]] = {}  # lanes of module calls started here
         self._handoffs = 0
         self._last_fd = -1  # the connection served last
@@ -105,20 +108,30 @@ class Reactor:
     def _unpark(self, fd: int) -> trio.lowlevel.Task | None:
         parked = self._parked.pop(fd, None)
         if parked is None:
-            held = self._holding.pop(fd, None)
-            return held[1] if held is not None else None
+            parked = self._holding.pop(fd, None)
+            if parked is None:
+                return None
+            if fd not in self._held_watched:
+                return parked[1]
+            self._held_watched.discard(fd)
+        self._unwatch(fd)
+        return parked[1]
+
+    def _unwatch(self, fd: int) -> None:
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
             pass  # closed meanwhile
-        return parked[1]
 
     def hold(self, fd: int) -> None:
-        """Stop reading a parked connection while a module works on its request (its task stays parked)."""
+        """Stop reading a parked connection while a module works on its request (its task stays parked).
+
+        It stays in the epoll set until something comes from it meanwhile (``serve_ready`` takes it out
+        then): a call with nothing behind it costs no ``epoll_ctl`` to hold and release."""
         parked = self._parked.pop(fd, None)
         if parked is not None:
             self._holding[fd] = parked
-            self._epoll.unregister(fd)
+            self._held_watched.add(fd)
 
     def holds(self, fd: int, conn: Parkable) -> bool:
         """Is ``conn`` held here (and not cancelled meanwhile)?"""
@@ -129,7 +142,10 @@ class Reactor:
         """Read a held connection again."""
         held = self._holding.pop(fd, None)
         if held is not None:
-            self._epoll.register(fd, select.EPOLLIN)
+            if fd in self._held_watched:
+                self._held_watched.discard(fd)
+            else:
+                self._epoll.register(fd, select.EPOLLIN)
             self._parked[fd] = held
 
     def watch_reply(self, fd: int, on_readable: Callable[[], None]) -> None:
@@ -169,8 +185,12 @@ class Reactor:
             if fd != self._last_fd:
                 self._last_fd, self._since = fd, now
             parked = self._parked.get(fd)
-            if parked is not None and not parked[0].on_readable():
-                self.wake(fd)
+            if parked is not None:
+                if not parked[0].on_readable():
+                    self.wake(fd)
+            elif fd in self._held_watched:  # a held connection sent more: read it once its call is done
+                self._held_watched.discard(fd)
+                self._unwatch(fd)
         return self._handoffs
 
     def watch(self, sock: socket.socket) -> None:

@@ -137,6 +137,33 @@ async def test_module_calls_are_started_and_finished_by_the_reactor(
         assert backend.awaited == []
 
 
+async def test_a_request_sent_while_the_module_works_waits_for_it(
+    pairs: list[tuple[socket.socket, socket.socket]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held connection stays in the reactor's set until something comes from it; then it is taken out
+    (not read, and not reported again and again), and put back when the module's call is done."""
+    (ours, client), _ = pairs
+    async with served(ours, client) as (reactor, conn, backend):
+        forwarding(conn, backend, monkeypatch)
+        client.send(frame([0, 2, "C_GetSlotList", [False]]))
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked()
+            assert reactor.holds(ours.fileno(), conn)
+            client.send(frame([0, 3, "C_GetSlotList", [False]]))
+            await trio.testing.wait_all_tasks_blocked()  # a reactor spinning on the readable fd never blocks
+            assert [method for method, _ in backend.started] == ["C_First"]
+            backend.answer(0, "one")
+            await trio.testing.wait_all_tasks_blocked()
+            backend.answer(1, "two")
+            await trio.testing.wait_all_tasks_blocked()
+            assert [method for method, _ in backend.started] == ["C_First", "C_Second", "C_First"]
+            backend.answer(2, "three")
+            await trio.testing.wait_all_tasks_blocked()
+            backend.answer(3, "four")
+        replies = await trio.to_thread.run_sync(read_messages, client, 2)
+        assert [reply[:4] for reply in replies] == [[1, 2, 0, ["one", "two"]], [1, 3, 0, ["three", "four"]]]
+
+
 async def test_a_module_call_that_cannot_go_out_at_once_is_awaited_by_the_task(
     pairs: list[tuple[socket.socket, socket.socket]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
