@@ -247,7 +247,8 @@ def target_line(label: str, numerator: float | None, denominator: float | None, 
     if numerator is None or not denominator:
         return f"  {label}: no figure"
     got = numerator / denominator
-    return f"  {label} = {got:.2f} (target >= {goal}): {'met' if got >= goal else 'MISSED'}"
+    shown = f"{got:.2f}" if (round(got, 2) >= goal) == (got >= goal) else f"{got:.3f}"  # 0.998 is not 1.00
+    return f"  {label} = {shown} (target >= {goal}): {'met' if got >= goal else 'MISSED'}"
 
 
 def check_targets(results: dict[tuple[str, str, int], Cell], thread_counts: list[int], ops: list[str]) -> list[str]:

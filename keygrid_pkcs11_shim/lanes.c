@@ -18,7 +18,7 @@
  *
  * Anything else -- another method, an argument of another type or shape, a
  * structured mechanism parameter, a function the module leaves NULL, an output
- * above KG_LANE_MAX_BUFFER -- goes to the fallback, the worker's Python
+ * above the worker's 64 MiB buffer limit -- goes to the fallback, the worker's Python
  * answer(), which gives the reply. The replies written here are the ones the
  * Python code writes for the same call, message strings included. No value,
  * PIN or datum is ever written to stderr.
