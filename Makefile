@@ -21,7 +21,7 @@ BENCH_ARGS ?=
 # p11-kit, OpenSSL engine and PostgreSQL integration tests).
 DEB_PACKAGES := shellcheck systemd libp11-kit-dev softhsm2 opensc gnutls-bin \
 	libengine-pkcs11-openssl p11-kit gcc clang clang-format libclang-rt-14-dev xxd \
-	python3-venv postgresql
+	python3-venv postgresql podman runc fuse-overlayfs uidmap slirp4netns debootstrap
 
 SHIM := keygrid_pkcs11_shim
 C_SOURCES = $(filter-out $(SHIM)/keygrid-calls.h,$(wildcard $(SHIM)/*.c $(SHIM)/*.h $(SHIM)/tests/*.c $(SHIM)/tests/*.h $(SHIM)/fuzz/*.c))
