@@ -6,7 +6,7 @@ Runs ``make -C keygrid_pkcs11_shim`` and ships the results as
 in a wheel through ``force_include`` (the wheel is then tagged for the
 platform), in an editable install by copying it into the source tree
 (``keygridd/lib/*.so`` is ignored by git). The sdist carries the C sources
-and needs nothing built. ``KEYGRID_BUILD_SHIM=0`` skips the shim, for
+and needs nothing built. ``KEYGRID_BUILD_SHIM=0`` skips both libraries (the worker then serves its lanes from Python), for
 machines without a C compiler.
 """
 
@@ -31,7 +31,7 @@ class ShimBuildHook(BuildHookInterface):  # type: ignore[misc]
         if self.target_name != "wheel":
             return
         if os.environ.get("KEYGRID_BUILD_SHIM", "1") == "0":
-            self.app.display_warning(f"KEYGRID_BUILD_SHIM=0: building without {SHIM_NAME}")
+            self.app.display_warning(f"KEYGRID_BUILD_SHIM=0: building without {' and '.join(LIBRARIES)}")
             return
         root = Path(self.root)
         shim_dir = root / "keygrid_pkcs11_shim"

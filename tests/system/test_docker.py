@@ -35,6 +35,13 @@ def final_stage() -> list[dict[str, Any]]:
     return [ins for ins in structure[last_from:] if ins["instruction"] != "COMMENT"]
 
 
+def builder_stage() -> list[dict[str, Any]]:
+    """The instructions of the first build stage (the one that makes the wheel)."""
+    structure = DockerfileParser(path=str(DOCKERFILE)).structure
+    second_from = [i for i, ins in enumerate(structure) if ins["instruction"] == "FROM"][1]
+    return structure[:second_from]
+
+
 def instructions(name: str) -> list[str]:
     return [ins["value"] for ins in final_stage() if ins["instruction"] == name]
 
@@ -101,9 +108,7 @@ def test_builder_has_what_the_wheel_build_needs() -> None:
     the build context lets those files in."""
     hook = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["hatch"]["build"]["hooks"]
     needed = {"pyproject.toml", "keygridd", "keygrid_pkcs11_shim", hook["custom"]["path"]}
-    structure = DockerfileParser(path=str(DOCKERFILE)).structure
-    second_from = [i for i, ins in enumerate(structure) if ins["instruction"] == "FROM"][1]
-    builder = structure[:second_from]
+    builder = builder_stage()
     copied = {
         source.rstrip("/")
         for ins in builder
@@ -130,10 +135,8 @@ def test_the_builder_stage_builds_the_wheel_from_what_it_copies(tmp_path: Path) 
         line for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
         if line and not line.startswith(("#", "!")) and line != "**"
     ]  # fmt: skip
-    structure = DockerfileParser(path=str(DOCKERFILE)).structure
-    second_from = [i for i, ins in enumerate(structure) if ins["instruction"] == "FROM"][1]
     src = tmp_path / "src"
-    for ins in structure[:second_from]:
+    for ins in builder_stage():
         if ins["instruction"] != "COPY":
             continue
         *sources, destination = ins["value"].split()
