@@ -55,7 +55,7 @@ SHIM_DIR = REPO / "keygrid_pkcs11_shim"
 SHIM = SHIM_DIR / "build" / "libkeygrid-pkcs11.so"
 SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
 P11_KIT_CLIENT = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
-OPS = ("ecdsa-p256-sign", "rsa2048-sign", "aes256-gcm-1k", "random-32", "find-label")
+OPS = ("ecdsa-p256-sign", "rsa2048-sign", "aes256-gcm-1k", "aes256-ecb-1k", "random-32", "find-label")
 TARGETS_NOTE = "targets: ECDSA c/b >= 1.2 (1 and 4 threads), ECDSA c/a >= 0.35 (1 thread), random and find c/b >= 1.0, AES-GCM(c) >= 0.5 x random(c)"
 PKCS11_TARGETS_NOTE = "targets (pkcs11 provider): ECDSA P-256 and RSA-2048 sign c/b >= 0.8 at 1 and 4 threads"
 START_TIMEOUT = 30.0
@@ -118,14 +118,17 @@ def softhsm_token(directory: Path, label: str, pin: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def p11_kit_server(directory: Path, softhsm_env: dict[str, str], label: str) -> Iterator[dict[str, str]]:
-    runtime = directory / "runtime"
+def p11_kit_server(
+    directory: Path, module_env: dict[str, str], label: str, module: Path = SOFTHSM, name: str = "p11-kit-server"
+) -> Iterator[dict[str, str]]:
+    """``p11-kit server`` exporting ``module``'s token ``label``; yields the client's environment."""
+    runtime = directory / f"{name}-runtime"
     runtime.mkdir(mode=0o700)
-    env = {**softhsm_env, "XDG_RUNTIME_DIR": str(runtime)}
-    output = directory / "p11-kit-server.out"
+    env = {**module_env, "XDG_RUNTIME_DIR": str(runtime)}
+    output = directory / f"{name}.out"
     with output.open("wb") as out:
         process = subprocess.Popen(
-            ["p11-kit", "server", "-f", "-s", "--provider", str(SOFTHSM), f"pkcs11:token={label}"],
+            ["p11-kit", "server", "-f", "-s", "--provider", str(module), f"pkcs11:token={label}"],
             env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
@@ -217,14 +220,20 @@ def ratio(numerator: Cell | None, denominator: Cell | None) -> str:
     return f"{numerator / denominator:.2f}"
 
 
-def print_table(results: dict[tuple[str, str, int], Cell], ops: list[str], thread_counts: list[int]) -> None:
+def print_table(
+    results: dict[tuple[str, str, int], Cell], ops: list[str], thread_counts: list[int], two_hops: bool = False
+) -> None:
+    """The table; ``two_hops``: with e (p11-kit's remoting twice) and c/e."""
     header = ("op", "threads", "a softhsm ops/s", "b p11-kit ops/s", "c keygrid ops/s", "c/a", "c/b")
     header += ("d deferred ops/s", "d/b")
+    if two_hops:
+        header += ("e p11-kit x2 ops/s", "c/e")
     lines = [header]
     for op in ops:
         for n in thread_counts:
-            a, b, c, d = (results.get((t, op, n)) for t in ("a", "b", "c", "d"))
-            lines.append((op, str(n), rate(a), rate(b), rate(c), ratio(c, a), ratio(c, b), rate(d), ratio(d, b)))
+            a, b, c, d, e = (results.get((t, op, n)) for t in ("a", "b", "c", "d", "e"))
+            line = (op, str(n), rate(a), rate(b), rate(c), ratio(c, a), ratio(c, b), rate(d), ratio(d, b))
+            lines.append(line + (rate(e), ratio(c, e)) if two_hops else line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for index, line in enumerate(lines):
         print(
@@ -274,10 +283,11 @@ def check_targets(results: dict[tuple[str, str, int], Cell], thread_counts: list
 def check_pkcs11_targets(
     results: dict[tuple[str, str, int], Cell], thread_counts: list[int], ops: list[str]
 ) -> list[str]:
-    """The pkcs11 provider's target for the signatures that ran: >= 0.8 of p11-kit's rate, for c and d."""
+    """The pkcs11 provider's target for the signatures that ran: >= 0.8 of p11-kit's rate, for c and d; and
+    the same ratio for e, p11-kit's own remoting with as many hops as c."""
     return [
         target_line(f"{op} {t}/b at {n} thread(s)", value(results, t, op, n), value(results, "b", op, n), 0.8)
-        for t in ("c", "d")
+        for t in ("c", "d", "e")
         for op in ("ecdsa-p256-sign", "rsa2048-sign")
         if op in ops
         for n in thread_counts
@@ -320,16 +330,21 @@ def main(argv: list[str] | None = None) -> int:
         softhsm_env = softhsm_token(directory, "bench", pin)
         deferred = directory / "deferred.conf"
         deferred.write_text("defer_init = 1\n", encoding="utf-8")
-        with (
-            p11_kit_server(directory, softhsm_env, "bench") as p11_kit_env,
-            keygridd(directory, pin, args.provider, softhsm_env) as kg_env,
-        ):
+        two_hops = args.provider == "pkcs11"
+        with contextlib.ExitStack() as stack:
+            p11_kit_env = stack.enter_context(p11_kit_server(directory, softhsm_env, "bench"))
+            kg_env = stack.enter_context(keygridd(directory, pin, args.provider, softhsm_env))
             targets = [
                 Target("a", str(SOFTHSM), softhsm_env, "bench", pin),
                 Target("b", str(P11_KIT_CLIENT), p11_kit_env, "bench", pin),
                 Target("c", str(shim), kg_env, "bench", pin),
                 Target("d", str(shim), {**kg_env, "KEYGRID_PKCS11_CONF": str(deferred)}, "bench", pin),
             ]
+            if two_hops:  # a second p11-kit server exporting the first one's token through p11-kit-client.so
+                chain = stack.enter_context(
+                    p11_kit_server(directory, p11_kit_env, "bench", P11_KIT_CLIENT, "p11-kit-server-2")
+                )
+                targets.append(Target("e", str(P11_KIT_CLIENT), chain, "bench", pin))
             samples: dict[tuple[str, str, int], list[Cell]] = {}
             for _ in range(args.rounds):
                 for n in args.threads:
@@ -339,16 +354,17 @@ def main(argv: list[str] | None = None) -> int:
             results = {key: median(cells) for key, cells in samples.items()}
 
     print(
-        f"PKCS#11 benchmark: {args.seconds:g} s per cell, median of {args.rounds} round(s) taking a, b, c, d in turn,"
-        f" {os.cpu_count()} CPUs"
+        f"PKCS#11 benchmark: {args.seconds:g} s per cell, median of {args.rounds} round(s) taking a, b, c, d"
+        f"{', e' if two_hops else ''} in turn, {os.cpu_count()} CPUs"
     )
     print(
         "a = SoftHSM2 direct, b = SoftHSM2 via p11-kit server/client, "
         f"c = KeyGrid shim -> keygridd ({args.provider} slot{' -> worker -> SoftHSM2' if args.provider == 'pkcs11' else ''}), "
         "d = c with defer_init = 1"
+        + (", e = SoftHSM2 via two p11-kit hops (server -> p11-kit-client.so -> server), as many as c" if two_hops else "")
     )
     print()
-    print_table(results, args.ops, args.threads)
+    print_table(results, args.ops, args.threads, two_hops)
     print()
     if args.provider == "pkcs11":
         print(PKCS11_TARGETS_NOTE)

@@ -19,6 +19,8 @@
  *   ecdsa-p256-sign   C_SignInit + C_Sign, CKM_ECDSA on a 32-byte hash
  *   rsa2048-sign      C_SignInit + C_Sign, CKM_SHA256_RSA_PKCS on 32 bytes
  *   aes256-gcm-1k     C_EncryptInit + C_Encrypt, CKM_AES_GCM, 1 KiB, a fresh 12-byte IV per call
+ *   aes256-ecb-1k     C_EncryptInit + C_Encrypt, CKM_AES_ECB, 1 KiB: GCM's two calls and sizes without a
+ *                     parameter (p11-kit 0.24 forwards no AES parameter): a reference, not a mode to use
  *   random-32         C_GenerateRandom of 32 bytes
  *   find-label        C_FindObjectsInit + C_FindObjects + C_FindObjectsFinal on CKA_LABEL
  *
@@ -177,6 +179,17 @@ static CK_RV run_once(const char *op, CK_SESSION_HANDLE s, int index, unsigned l
             rv = CKR_GENERAL_ERROR;
         return rv;
     }
+    if (strcmp(op, "aes256-ecb-1k") == 0) {
+        CK_MECHANISM m = {CKM_AES_ECB, NULL, 0};
+        *call = "C_EncryptInit";
+        if ((rv = p11->C_EncryptInit(s, &m, aes_key)) != CKR_OK)
+            return rv;
+        *call = "C_Encrypt";
+        rv = p11->C_Encrypt(s, (CK_BYTE_PTR)plaintext, sizeof plaintext, out, &out_len);
+        if (rv == CKR_OK && out_len != sizeof plaintext)
+            rv = CKR_GENERAL_ERROR;
+        return rv;
+    }
     if (strcmp(op, "random-32") == 0) {
         *call = "C_GenerateRandom";
         return p11->C_GenerateRandom(s, out, 32);
@@ -262,14 +275,14 @@ static void run_op(const char *op, int threads, double seconds)
 static void usage(void)
 {
     fprintf(stderr, "usage: pkcs11_loadgen --module PATH --pin PIN [--token LABEL] [--threads N] "
-                    "[--seconds S] [--ops ecdsa-p256-sign,rsa2048-sign,aes256-gcm-1k,random-32,find-label]\n");
+                    "[--seconds S] [--ops ecdsa-p256-sign,rsa2048-sign,aes256-gcm-1k,aes256-ecb-1k,random-32,find-label]\n");
     exit(64);
 }
 
 int main(int argc, char **argv)
 {
     const char *module = NULL, *pin = NULL, *token = NULL;
-    char *ops = strdup("ecdsa-p256-sign,rsa2048-sign,aes256-gcm-1k,random-32,find-label");
+    char *ops = strdup("ecdsa-p256-sign,rsa2048-sign,aes256-gcm-1k,aes256-ecb-1k,random-32,find-label");
     int threads = 1;
     double seconds = 2.0;
     static const struct option longopts[] = {

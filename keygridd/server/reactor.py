@@ -47,6 +47,8 @@ from typing import Protocol
 
 import trio
 
+from keygridd.runqueue import tasks_runnable
+
 log = logging.getLogger("keygridd.reactor")
 
 QUIET = 0.002  # seconds without another connection's request before the reactor may poll
@@ -216,7 +218,7 @@ class Reactor:
         now = time.perf_counter()
         if fd != self._last_fd:
             self._last_fd, self._since = fd, now
-        return now - self._since >= self.quiet and not trio.lowlevel.current_statistics().tasks_runnable
+        return now - self._since >= self.quiet and not tasks_runnable()
 
     def receive(self, sock: socket.socket, size: int) -> bytes | None:
         """Busy polling for a connection read by its task: what ``sock`` receives within the budget, or
@@ -244,7 +246,7 @@ class Reactor:
         if events or not self.budget:
             return events
         now = time.perf_counter()
-        if now - self._since < self.quiet or trio.lowlevel.current_statistics().tasks_runnable:
+        if now - self._since < self.quiet or tasks_runnable():
             return events
         end = now + (max(self.budget, REPLY_POLL) if self._replies else self.budget)
         while time.perf_counter() < end:

@@ -22,6 +22,7 @@ import trio
 
 from keygridd.core.offload import may_busy_poll
 from keygridd.providers.pkcs11.worker import MAX_FRAME
+from keygridd.runqueue import tasks_runnable
 
 RECV_SIZE = 1 << 16
 SPIN = 0.0002  # seconds an awaited call polls for its reply before it sleeps (see spin)
@@ -37,7 +38,7 @@ def spin(sock: socket.socket) -> bytes | None:
     The poll ends as soon as a task is runnable or a client has a request
     waiting (``may_busy_poll``): the loop serves them meanwhile.
     """
-    if trio.lowlevel.current_statistics().tasks_runnable:
+    if tasks_runnable():
         return None
     allowed = may_busy_poll.get()
     ready = select.poll()
