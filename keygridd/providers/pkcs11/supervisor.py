@@ -341,7 +341,8 @@ class ModuleWorker:
                 current.free.insert(0, lane)  # clean lanes first
             else:
                 current.free.append(lane)
-            self._lot.unpark()
+            if self._lot:  # unpark() costs a generator even with nobody parked: this runs once a call
+                self._lot.unpark()
 
     def _stick(self, current: _Incarnation, lane: Lane) -> None:
         lane.close()
