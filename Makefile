@@ -20,7 +20,7 @@ BENCH_ARGS ?=
 # Debian packages the tests need (some for later work: the C shim, SoftHSM2,
 # p11-kit, OpenSSL engine and PostgreSQL integration tests).
 DEB_PACKAGES := shellcheck systemd libp11-kit-dev softhsm2 opensc gnutls-bin \
-	libengine-pkcs11-openssl p11-kit gcc clang clang-format libclang-rt-14-dev xxd \
+	libengine-pkcs11-openssl p11-kit gcc libssl-dev clang clang-format libclang-rt-14-dev xxd \
 	python3-venv postgresql podman runc fuse-overlayfs uidmap slirp4netns debootstrap
 
 SHIM := keygrid_pkcs11_shim
@@ -60,11 +60,12 @@ deps:
 	apt-get update -qq
 	apt-get install -y -qq --no-install-recommends $$missing
 
-# Both libraries also go where the editable install has them (keygridd/lib), so a rebuild is what runs.
+# The libraries also go where the editable install has them (keygridd/lib), so a rebuild is what runs.
 shim:
 	$(MAKE) -C $(SHIM)
 	install -d keygridd/lib
 	install -m 0755 $(SHIM)/build/libkeygrid-pkcs11.so $(SHIM)/build/libkeygrid-worker.so keygridd/lib/
+	if [ -f $(SHIM)/build/libkeygrid-signer.so ]; then install -m 0755 $(SHIM)/build/libkeygrid-signer.so keygridd/lib/; fi
 
 run: venv shim
 	$(VENV)/bin/python tools/devsetup.py var/

@@ -2,7 +2,9 @@
 
 Runs ``make -C keygrid_pkcs11_shim`` and ships the results as
 ``keygridd/lib/libkeygrid-pkcs11.so`` (where ``keygrid shim-path`` looks) and
-``keygridd/lib/libkeygrid-worker.so`` (the pkcs11 provider's worker lanes):
+``keygridd/lib/libkeygrid-worker.so`` (the pkcs11 provider's worker lanes) and,
+when OpenSSL's headers are installed, ``keygridd/lib/libkeygrid-signer.so``
+(the daemon's ECDSA signing thread, ``keygridd/signer.py``):
 in a wheel through ``force_include`` (the wheel is then tagged for the
 platform), in an editable install by copying it into the source tree
 (``keygridd/lib/*.so`` is ignored by git). The sdist carries the C sources
@@ -22,6 +24,7 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 SHIM_NAME = "libkeygrid-pkcs11.so"
 LIBRARIES = (SHIM_NAME, "libkeygrid-worker.so")
+OPTIONAL = ("libkeygrid-signer.so",)  # built only where its headers are (keygrid_pkcs11_shim/Makefile)
 
 
 class ShimBuildHook(BuildHookInterface):  # type: ignore[misc]
@@ -36,8 +39,11 @@ class ShimBuildHook(BuildHookInterface):  # type: ignore[misc]
         root = Path(self.root)
         shim_dir = root / "keygrid_pkcs11_shim"
         subprocess.run(["make", "-C", str(shim_dir)], check=True)
-        for name in LIBRARIES:
+        for name in LIBRARIES + OPTIONAL:
             built = shim_dir / "build" / name
+            if name in OPTIONAL and not built.exists():
+                self.app.display_warning(f"{name} not built (no OpenSSL headers): ECDSA is signed on the loop")
+                continue
             if version == "editable":
                 target = root / "keygridd" / "lib" / name
                 target.parent.mkdir(exist_ok=True)

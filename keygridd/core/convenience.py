@@ -155,7 +155,9 @@ class ConvenienceFunctions(CryptoFunctions):
             return cast(bytes, out)
         op = yield from self._uri_op(app, uri, OpKind.SIGN, mechanism, pin)
         try:
-            signature: bytes = yield Offload(lambda: op.context.sign(data), op.thread)
+            job_for = getattr(op.context, "job_for", None)
+            job = job_for(data) if job_for is not None else None
+            signature: bytes = yield Offload(lambda: op.context.sign(data), op.thread, job=job)
         finally:
             self._finish(op)
         return signature

@@ -22,6 +22,7 @@ from keygridd.core.offload import Offload, Work
 from keygridd.core.store import Attributes
 from keygridd.mechanisms import Cost
 from keygridd.mechanisms import Mechanism as MechanismImpl
+from keygridd.mechanisms.base import EcdsaJob
 from keygridd.pkcs11 import CKA, CKO, MechanismFlag
 from keygridd.pkcs11.errors import (
     BufferTooSmall,
@@ -119,6 +120,7 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         bound: Callable[[], int],
         compute: Callable[[], bytes],
         ends: bool,
+        job: EcdsaJob | None = None,
     ) -> Work[Out]:
         """Apply the output-buffer convention around one computation."""
         try:
@@ -128,7 +130,7 @@ class CryptoFunctions(ObjectFunctions, CoreState):
             if cached and op.pending is not None:
                 output = op.pending[2]
             else:
-                output = yield Offload(compute, op.thread)
+                output = yield Offload(compute, op.thread, job=job)
             if out_len is not None and out_len >= 0 and len(output) > out_len:
                 op.pending = (step, data, output)
                 raise BufferTooSmall(f"{len(output)} bytes needed", result=[None, len(output)])
@@ -244,8 +246,12 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         session = self.session(app, handle)
         op = self._op(session, OpKind.SIGN, multipart=False)
         ctx = op.context
+        job_for = getattr(ctx, "job_for", None)
+        job = job_for(data) if job_for is not None else None
         return (
-            yield from self._run(session, op, "one", data, out_len, lambda: ctx.length, lambda: ctx.sign(data), True)
+            yield from self._run(
+                session, op, "one", data, out_len, lambda: ctx.length, lambda: ctx.sign(data), True, job
+            )
         )
 
     def C_SignUpdate(self, app: Application, handle: int, data: bytes) -> Work[None]:

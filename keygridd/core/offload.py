@@ -18,14 +18,17 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from keygridd.mechanisms.base import EcdsaJob
+
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per cryptographic call, and a frozen one is slower to make
 class Offload:
     fn: Callable[[], Any]
     thread: bool  # True: run in a worker thread; False: cheap enough to run inline
     delay: float = 0.0  # seconds to wait first, without blocking anyone else (PIN throttling)
+    job: EcdsaJob | None = None  # what fn computes, when the server may hand it to its signer instead
 
 
 Done = Callable[[Any, Exception | None], None]  # a started call's result, or its error

@@ -57,7 +57,7 @@ class MechanismInfo:
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # weakref: keygridd.signer frees its copy with it
 class LoadedKey:
     """A key object's attributes plus its parsed ``cryptography`` object (bytes for secret keys)."""
 
@@ -232,6 +232,17 @@ def no_param(mech: Mechanism, param: Param) -> None:
         raise MechanismParamInvalid(f"{mech.name} takes no parameter")
 
 
+@dataclass(slots=True)  # not frozen: made per signature
+class EcdsaJob:
+    """The ECDSA signature a sign context computes, described for a signer beside the event loop
+    (``keygridd.signer``): r || s of ``side`` bytes each over ``data`` (a hash value) with ``key``'s
+    private key."""
+
+    key: LoadedKey
+    data: bytes
+    side: int
+
+
 class SinglePart:
     """Mixin for single-part-only contexts: multi-part calls fail (see the module docstring)."""
 
@@ -240,11 +251,15 @@ class SinglePart:
 
 
 class SingleSign(SinglePart):
-    """A single-part sign operation around ``fn(data) -> signature``."""
+    """A single-part sign operation around ``fn(data) -> signature``; ``job_for(data)`` describes that
+    computation for a signer beside the loop (None: the input is computed by ``fn`` only)."""
 
-    def __init__(self, length: int, fn: Callable[[bytes], bytes]) -> None:
+    def __init__(
+        self, length: int, fn: Callable[[bytes], bytes], job_for: Callable[[bytes], EcdsaJob | None] | None = None
+    ) -> None:
         self.length = length
         self._fn = fn
+        self.job_for = job_for
 
     def update(self, data: bytes) -> None:
         raise self._multi_part()

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 
 from keygridd.mechanisms.base import (
     Cost,
+    EcdsaJob,
     HashSign,
     HashVerify,
     LoadedKey,
@@ -175,11 +176,16 @@ class Ecdsa(_EcMechanism):
         priv = self.private(key)
         curve = curve_of(priv)
 
+        side = curve.order_bytes
+
         def sign(data: bytes) -> bytes:
             _check_input(data)
             return _to_raw(priv.sign(data, _raw_ecdsa(len(data))), curve)
 
-        return SingleSign(2 * curve.order_bytes, sign)
+        def job_for(data: bytes) -> EcdsaJob | None:
+            return EcdsaJob(key, data, side) if 1 <= len(data) <= MAX_ECDSA_INPUT else None
+
+        return SingleSign(2 * side, sign, job_for)
 
     def verify_init(self, key: LoadedKey, param: Param) -> SingleVerify:
         no_param(self, param)

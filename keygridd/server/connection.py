@@ -29,7 +29,7 @@ import trio
 
 import keygridd
 from keygridd.core.model import Application, Peer
-from keygridd.core.offload import Forward
+from keygridd.core.offload import Forward, Offload
 from keygridd.pkcs11 import CKR
 from keygridd.pkcs11.errors import PKCS11Error
 from keygridd.protocol import codec
@@ -57,6 +57,12 @@ def _is_request(message: Any) -> bool:
         and message[0] == codec.REQUEST
         and type(message[1]) is int
     )
+
+
+def _awaited(request: Offload | Forward | None) -> bool:
+    """Does the task await this request itself: a module call, or an ECDSA signature left for the signer
+    (which the task computes inline)?"""
+    return isinstance(request, Forward) or (isinstance(request, Offload) and request.job is not None)
 
 
 async def forward_later(requests: list[Forward]) -> None:
@@ -298,10 +304,16 @@ class Connection:
         """Start the step's module call from the loop, if it can go out at once; the reactor holds the
         connection until ``forwarded``."""
         outcome, reactor = step.outcome, self.reactor
-        if outcome is None or reactor is None or not isinstance(outcome.request, Forward):
+        if outcome is None or reactor is None:
             return False
         request = outcome.request
-        if not request.backend.submit(request.method, request.args, partial(self.forwarded, step), reactor):
+        if isinstance(request, Forward):
+            if not request.backend.submit(request.method, request.args, partial(self.forwarded, step), reactor):
+                return False
+        elif isinstance(request, Offload) and request.job is not None and self.dispatcher.signer is not None:
+            if not self.dispatcher.signer.submit(request.job, partial(self.forwarded, step), reactor):
+                return False
+        else:
             return False
         reactor.hold(self.fileno())
         return True
@@ -446,16 +458,14 @@ class Connection:
                 step = self.begin(app, message)
             # A module call the task awaits leaves the connection to the reactor after it (the reactor
             # starts the next one itself when a lane is free); other waits keep it with its task.
-            self.waited = step is not None and not (
-                step.outcome is not None and isinstance(step.outcome.request, Forward)
-            )
+            self.waited = step is not None and not (step.outcome is not None and _awaited(step.outcome.request))
             if step is None:
                 await self.answered()
                 continue
             outcome = step.outcome
             if (
                 outcome is not None
-                and isinstance(outcome.request, Forward)
+                and _awaited(outcome.request)
                 and (not self.reader.has_frame() or self.next_request_waits_for(step.key))
             ):
                 # A module call with nothing else of this connection waiting, or only a request of the

@@ -7,13 +7,14 @@ CKR_GENERAL_ERROR. Offload requests from the core run inline or in a worker
 thread behind the daemon's CapacityLimiter. Provider effects (injected
 latency or errors) are applied here, before the core sees the call. Calls of
 passthrough slots go to the core's ``Passthrough``; the module calls they
-yield (``Forward``) are awaited here.
+yield (``Forward``) are awaited here. An ECDSA signature may be left pending
+for the signer beside the loop (``keygridd.signer``, see ``hand_over``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from types import GeneratorType
 from typing import Any
@@ -28,6 +29,7 @@ from keygridd.pkcs11.errors import FunctionNotSupported, PKCS11Error, error_for
 from keygridd.protocol import codec
 from keygridd.protocol.calls import BY_NAME, Call
 from keygridd.providers.base import Effect, Provider
+from keygridd.signer import Signer
 from keygridd.storage.base import StoreUnavailable, VersionConflict
 
 log = logging.getLogger("keygridd.dispatch")
@@ -54,6 +56,10 @@ class _Sent:
     value: Any
 
 
+def _never() -> bool:
+    return False
+
+
 class Dispatcher:
     def __init__(
         self, core: Core, providers: Mapping[int, Provider], limiter: trio.CapacityLimiter, max_attributes: int
@@ -63,6 +69,10 @@ class Dispatcher:
         self.effects = {slot_id: p for slot_id, p in providers.items() if p.injects_effects()}
         self.limiter = limiter
         self.max_attributes = max_attributes
+        # An ECDSA signature (an Offload with a job) is left to the connection, which hands it to the signer
+        # beside the loop, while hand_over() says so (several clients are busy); else it is computed inline.
+        self.signer: Signer | None = None
+        self.hand_over: Callable[[], bool] = _never
 
     def slot_of(self, app: Application, call: Call, args: list[Any]) -> int | None:
         if not call.args:
@@ -116,7 +126,12 @@ class Dispatcher:
                 request = gen.send(resume.value)
             else:
                 request = next(gen)
-            while isinstance(request, Offload) and not request.thread and not request.delay:
+            while (
+                isinstance(request, Offload)
+                and not request.thread
+                and not request.delay
+                and (request.job is None or not self.hand_over())
+            ):
                 try:
                     value = request.fn()
                 except Exception as exc:

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from keygridd import signer
 from keygridd.config import AccessList, Settings
 from keygridd.core.core import Core
 from keygridd.core.model import Peer, Slot
@@ -100,6 +101,11 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
     )
     apps = Applications(dispatcher)
     reactor = Reactor(server.busy_poll_microseconds)
+    if server.ecdsa_thread:
+        dispatcher.signer = signer.start()
+        dispatcher.hand_over = reactor.crowded
+        if dispatcher.signer is not None:
+            reactor.signing = dispatcher.signer.busy
     may_busy_poll.set(reactor.nobody_waiting)  # module calls stop polling for their reply when a client waits
     sock, activated = open_socket(server.socket, server.socket_mode, server.socket_group)
     sock.setblocking(False)
@@ -184,6 +190,8 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
     finally:
         notify("STOPPING=1")
         close_listener()
+        if dispatcher.signer is not None:
+            dispatcher.signer.close()
         reactor.close()
         if not activated:
             with contextlib.suppress(OSError):

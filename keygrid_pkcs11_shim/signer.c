@@ -1,0 +1,241 @@
+/* signer.c - libkeygrid-signer.so: ECDSA signatures on a thread of keygridd's own, beside its event loop.
+ *
+ * keygridd is one Python process: its loop serves every client on one core. When several clients sign
+ * at once, the loop hands the ECDSA computations to this thread (which never takes the interpreter's
+ * lock) and serves other requests meanwhile; it learns of finished signatures through an eventfd in
+ * its epoll set. The signature comes out as PKCS#11 wants it, r || s, each the curve order's length.
+ *
+ * Calls from the loop: kg_signer_submit (queue a job; never blocks on the computation) and
+ * kg_signer_take (a finished job, if any). Keys are made from PKCS#8 by kg_signer_key; a queued job holds
+ * a reference of its own, so a key freed meanwhile stays valid until its jobs end.
+ * The thread sleeps on a condition variable while its queue is empty: polling for the next job would take
+ * the core the clients' threads run on (measured: fewer signatures for any polling time).
+ */
+#define _GNU_SOURCE
+#include <stdatomic.h>
+#include <pthread.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <openssl/ecdsa.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+
+#include "signer.h"
+
+#define QUEUE          64   /* jobs in the queue at most (submitted and not yet taken) */
+#define SIGN_INPUT_MAX 1024 /* CKM_ECDSA input bytes: a hash value */
+#define SIDE_MAX       66   /* P-521's order length */
+
+/* An EC private key: made and released from the loop, used by the thread. ctx (made on first use) is the
+ * thread's only; the last reference, the loop's or a finished job's, frees both. */
+struct kg_key {
+	EVP_PKEY *pkey;
+	EVP_PKEY_CTX *ctx;
+	atomic_int refs;
+};
+
+struct job {
+	uint64_t id;
+	struct kg_key *key;
+	size_t side;
+	size_t in_len;
+	size_t out_len; /* 0: the signature failed */
+	unsigned char in[SIGN_INPUT_MAX];
+	unsigned char out[2 * SIDE_MAX];
+};
+
+struct kg_signer {
+	pthread_mutex_t lock;
+	pthread_cond_t wake;
+	pthread_t thread;
+	int efd;
+	int stop;
+	int sleeping;
+	/* Jobs i with taken <= i < done are finished, done <= i < queued wait; indices modulo QUEUE. */
+	uint64_t taken, done, queued;
+	struct job jobs[QUEUE];
+};
+
+static void key_release(struct kg_key *k)
+{
+	if (atomic_fetch_sub(&k->refs, 1) == 1) {
+		EVP_PKEY_CTX_free(k->ctx);
+		EVP_PKEY_free(k->pkey);
+		free(k);
+	}
+}
+
+static size_t sign_raw(struct kg_key *k, size_t side, const unsigned char *in, size_t in_len, unsigned char *out)
+{
+	unsigned char der[2 * SIDE_MAX + 16];
+	size_t der_len = sizeof der;
+	size_t written = 0;
+	if (!k->ctx) {
+		k->ctx = EVP_PKEY_CTX_new(k->pkey, NULL);
+		if (k->ctx && EVP_PKEY_sign_init(k->ctx) != 1) {
+			EVP_PKEY_CTX_free(k->ctx);
+			k->ctx = NULL;
+		}
+		if (!k->ctx) return 0;
+	}
+	if (EVP_PKEY_sign(k->ctx, der, &der_len, in, in_len) == 1) {
+		const unsigned char *p = der;
+		ECDSA_SIG *sig = d2i_ECDSA_SIG(NULL, &p, (long)der_len);
+		if (sig) {
+			const BIGNUM *r, *s;
+			ECDSA_SIG_get0(sig, &r, &s);
+			if (BN_bn2binpad(r, out, (int)side) == (int)side &&
+			    BN_bn2binpad(s, out + side, (int)side) == (int)side)
+				written = 2 * side;
+			ECDSA_SIG_free(sig);
+		}
+	}
+	OPENSSL_cleanse(der, sizeof der);
+	return written;
+}
+
+static void *run(void *arg)
+{
+	struct kg_signer *S = arg;
+	pthread_mutex_lock(&S->lock);
+	for (;;) {
+		while (S->done == S->queued && !S->stop) {
+			S->sleeping = 1;
+			pthread_cond_wait(&S->wake, &S->lock);
+			S->sleeping = 0;
+		}
+		if (S->stop) break;
+		struct job *j = &S->jobs[S->done % QUEUE];
+		pthread_mutex_unlock(&S->lock);
+		j->out_len = sign_raw(j->key, j->side, j->in, j->in_len, j->out);
+		OPENSSL_cleanse(j->in, j->in_len);
+		key_release(j->key);
+		j->key = NULL;
+		pthread_mutex_lock(&S->lock);
+		int first = S->taken == S->done;
+		S->done++;
+		if (first) {
+			pthread_mutex_unlock(&S->lock);
+			uint64_t one = 1;
+			ssize_t n = write(S->efd, &one, sizeof one);
+			(void)n; /* a full counter is still readable */
+			pthread_mutex_lock(&S->lock);
+		}
+	}
+	pthread_mutex_unlock(&S->lock);
+	return NULL;
+}
+
+KG_EXPORT struct kg_signer *kg_signer_new(void)
+{
+	struct kg_signer *S = calloc(1, sizeof *S);
+	if (!S) return NULL;
+	S->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (S->efd < 0) {
+		free(S);
+		return NULL;
+	}
+	pthread_mutex_init(&S->lock, NULL);
+	pthread_cond_init(&S->wake, NULL);
+	if (pthread_create(&S->thread, NULL, run, S) != 0) {
+		close(S->efd);
+		free(S);
+		return NULL;
+	}
+	return S;
+}
+
+KG_EXPORT int kg_signer_fd(struct kg_signer *S)
+{
+	return S->efd;
+}
+
+KG_EXPORT void kg_signer_free(struct kg_signer *S)
+{
+	if (!S) return;
+	pthread_mutex_lock(&S->lock);
+	S->stop = 1;
+	pthread_cond_signal(&S->wake);
+	pthread_mutex_unlock(&S->lock);
+	pthread_join(S->thread, NULL);
+	for (uint64_t i = S->done; i < S->queued; i++)
+		key_release(S->jobs[i % QUEUE].key);
+	OPENSSL_cleanse(S->jobs, sizeof S->jobs);
+	close(S->efd);
+	pthread_mutex_destroy(&S->lock);
+	pthread_cond_destroy(&S->wake);
+	free(S);
+}
+
+KG_EXPORT struct kg_key *kg_signer_key(const unsigned char *pkcs8, size_t len)
+{
+	if (!pkcs8 || len > LONG_MAX) return NULL;
+	const unsigned char *p = pkcs8;
+	PKCS8_PRIV_KEY_INFO *info = d2i_PKCS8_PRIV_KEY_INFO(NULL, &p, (long)len);
+	if (!info) return NULL;
+	EVP_PKEY *pkey = EVP_PKCS82PKEY(info);
+	PKCS8_PRIV_KEY_INFO_free(info);
+	if (!pkey) return NULL;
+	struct kg_key *k = EVP_PKEY_get_base_id(pkey) == EVP_PKEY_EC ? calloc(1, sizeof *k) : NULL;
+	if (!k) {
+		EVP_PKEY_free(pkey);
+		return NULL;
+	}
+	k->pkey = pkey;
+	atomic_init(&k->refs, 1);
+	return k;
+}
+
+KG_EXPORT void kg_signer_key_free(struct kg_key *key)
+{
+	if (key) key_release(key);
+}
+
+KG_EXPORT int kg_signer_submit(struct kg_signer *S, uint64_t id, struct kg_key *key, const unsigned char *in,
+                               size_t in_len, size_t side)
+{
+	if (!key || in_len > SIGN_INPUT_MAX || side == 0 || side > SIDE_MAX) return -1;
+	pthread_mutex_lock(&S->lock);
+	if (S->queued - S->taken >= QUEUE || S->stop) {
+		pthread_mutex_unlock(&S->lock);
+		return 0;
+	}
+	struct job *j = &S->jobs[S->queued % QUEUE];
+	atomic_fetch_add(&key->refs, 1);
+	j->id = id;
+	j->key = key;
+	j->side = side;
+	j->in_len = in_len;
+	memcpy(j->in, in, in_len);
+	S->queued++;
+	int wake = S->sleeping;
+	pthread_mutex_unlock(&S->lock);
+	if (wake) /* after the unlock: the thread does not wake only to wait for the lock */
+		pthread_cond_signal(&S->wake);
+	return 1;
+}
+
+KG_EXPORT int kg_signer_take(struct kg_signer *S, uint64_t *id, unsigned char *out, size_t *out_len)
+{
+	pthread_mutex_lock(&S->lock);
+	if (S->taken == S->done) {
+		uint64_t count;
+		ssize_t n = read(S->efd, &count, sizeof count); /* drained: the next finished job writes again */
+		(void)n;
+		pthread_mutex_unlock(&S->lock);
+		return 0;
+	}
+	struct job *j = &S->jobs[S->taken % QUEUE];
+	*id = j->id;
+	*out_len = j->out_len;
+	memcpy(out, j->out, j->out_len);
+	OPENSSL_cleanse(j->out, sizeof j->out);
+	S->taken++;
+	pthread_mutex_unlock(&S->lock);
+	return 1;
+}
