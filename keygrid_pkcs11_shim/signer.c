@@ -12,6 +12,9 @@
  * the core the clients' threads run on (measured: fewer signatures for any polling time).
  */
 #define _GNU_SOURCE
+/* ECDSA_sign_setup and ECDSA_do_sign_ex (precomputed k^-1 and r) and the EC_KEY they take are deprecated
+ * since OpenSSL 3.0 and have no EVP equivalent; Debian's libcrypto 3 has them. */
+#define OPENSSL_SUPPRESS_DEPRECATED
 #include <stdatomic.h>
 #include <pthread.h>
 #include <limits.h>
@@ -21,13 +24,17 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <openssl/ec.h>
 #include <openssl/ecdsa.h>
+#include <openssl/objects.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 
 #include "signer.h"
 
 #define QUEUE          64   /* jobs in the queue at most (submitted and not yet taken) */
+#define POOL           128  /* precomputed (k^-1, r) pairs kept per curve */
+#define CURVES         4    /* curves with a pool */
 #define SIGN_INPUT_MAX 1024 /* CKM_ECDSA input bytes: a hash value */
 #define SIDE_MAX       66   /* P-521's order length */
 
@@ -36,7 +43,18 @@
 struct kg_key {
 	EVP_PKEY *pkey;
 	EVP_PKEY_CTX *ctx;
+	const EC_KEY *ec; /* pkey's, for kg_signer_sign (the loop's thread) */
+	int nid;          /* its curve */
 	atomic_int refs;
+};
+
+/* Precomputed (k^-1, r) pairs of one curve: the thread fills the pool while it has no job, a signature on
+ * the loop takes one pair out (under the lock) and uses it once. */
+struct pool {
+	int nid;           /* 0: a free entry */
+	EC_KEY *nonce_key; /* a throwaway key of the curve: ECDSA_sign_setup wants one (k does not depend on it) */
+	int n;
+	BIGNUM *kinv[POOL], *r[POOL];
 };
 
 struct job {
@@ -56,6 +74,7 @@ struct kg_signer {
 	int efd;
 	int stop;
 	int sleeping;
+	struct pool pools[CURVES];
 	/* Jobs i with taken <= i < done are finished, done <= i < queued wait; indices modulo QUEUE. */
 	uint64_t taken, done, queued;
 	struct job jobs[QUEUE];
@@ -68,6 +87,16 @@ static void key_release(struct kg_key *k)
 		EVP_PKEY_free(k->pkey);
 		free(k);
 	}
+}
+
+/* r || s of an ECDSA signature into out (2 * side bytes). */
+static size_t raw_of(const ECDSA_SIG *sig, size_t side, unsigned char *out)
+{
+	const BIGNUM *r, *s;
+	ECDSA_SIG_get0(sig, &r, &s);
+	if (BN_bn2binpad(r, out, (int)side) != (int)side || BN_bn2binpad(s, out + side, (int)side) != (int)side)
+		return 0;
+	return 2 * side;
 }
 
 static size_t sign_raw(struct kg_key *k, size_t side, const unsigned char *in, size_t in_len, unsigned char *out)
@@ -87,11 +116,7 @@ static size_t sign_raw(struct kg_key *k, size_t side, const unsigned char *in, s
 		const unsigned char *p = der;
 		ECDSA_SIG *sig = d2i_ECDSA_SIG(NULL, &p, (long)der_len);
 		if (sig) {
-			const BIGNUM *r, *s;
-			ECDSA_SIG_get0(sig, &r, &s);
-			if (BN_bn2binpad(r, out, (int)side) == (int)side &&
-			    BN_bn2binpad(s, out + side, (int)side) == (int)side)
-				written = 2 * side;
+			written = raw_of(sig, side, out);
 			ECDSA_SIG_free(sig);
 		}
 	}
@@ -99,17 +124,56 @@ static size_t sign_raw(struct kg_key *k, size_t side, const unsigned char *in, s
 	return written;
 }
 
+/* A pool short of pairs, with the lock held; NULL when all are full. */
+static struct pool *pool_to_fill(struct kg_signer *S)
+{
+	for (int i = 0; i < CURVES; i++)
+		if (S->pools[i].nid && S->pools[i].n < POOL) return &S->pools[i];
+	return NULL;
+}
+
+/* Adds one pair to pool p: computed without the lock (the pool's entry and key stay until kg_signer_free). */
+static void fill_one(struct kg_signer *S, struct pool *p)
+{
+	BIGNUM *kinv = NULL, *r = NULL;
+	pthread_mutex_unlock(&S->lock);
+	if (!p->nonce_key) {
+		EC_KEY *k = EC_KEY_new_by_curve_name(p->nid);
+		if (k && !EC_KEY_generate_key(k)) {
+			EC_KEY_free(k);
+			k = NULL;
+		}
+		p->nonce_key = k; /* only this thread reads or sets it */
+	}
+	int ok = p->nonce_key && ECDSA_sign_setup(p->nonce_key, NULL, &kinv, &r) == 1;
+	pthread_mutex_lock(&S->lock);
+	if (ok && p->n < POOL) {
+		p->kinv[p->n] = kinv;
+		p->r[p->n] = r;
+		p->n++;
+		return;
+	}
+	BN_clear_free(kinv);
+	BN_clear_free(r);
+	if (!ok) p->nid = 0; /* a curve the precomputation cannot serve: its signatures go the usual way */
+}
+
 static void *run(void *arg)
 {
 	struct kg_signer *S = arg;
 	pthread_mutex_lock(&S->lock);
 	for (;;) {
-		while (S->done == S->queued && !S->stop) {
+		struct pool *p = NULL;
+		while (S->done == S->queued && !S->stop && !(p = pool_to_fill(S))) {
 			S->sleeping = 1;
 			pthread_cond_wait(&S->wake, &S->lock);
 			S->sleeping = 0;
 		}
 		if (S->stop) break;
+		if (S->done == S->queued) { /* no job waits: precompute */
+			fill_one(S, p);
+			continue;
+		}
 		struct job *j = &S->jobs[S->done % QUEUE];
 		pthread_mutex_unlock(&S->lock);
 		j->out_len = sign_raw(j->key, j->side, j->in, j->in_len, j->out);
@@ -165,6 +229,14 @@ KG_EXPORT void kg_signer_free(struct kg_signer *S)
 	pthread_join(S->thread, NULL);
 	for (uint64_t i = S->done; i < S->queued; i++)
 		key_release(S->jobs[i % QUEUE].key);
+	for (int i = 0; i < CURVES; i++) {
+		struct pool *p = &S->pools[i];
+		for (int k = 0; k < p->n; k++) {
+			BN_clear_free(p->kinv[k]);
+			BN_clear_free(p->r[k]);
+		}
+		EC_KEY_free(p->nonce_key);
+	}
 	OPENSSL_cleanse(S->jobs, sizeof S->jobs);
 	close(S->efd);
 	pthread_mutex_destroy(&S->lock);
@@ -187,6 +259,8 @@ KG_EXPORT struct kg_key *kg_signer_key(const unsigned char *pkcs8, size_t len)
 		return NULL;
 	}
 	k->pkey = pkey;
+	k->ec = EVP_PKEY_get0_EC_KEY(pkey);
+	k->nid = k->ec ? EC_GROUP_get_curve_name(EC_KEY_get0_group(k->ec)) : NID_undef;
 	atomic_init(&k->refs, 1);
 	return k;
 }
@@ -194,6 +268,46 @@ KG_EXPORT struct kg_key *kg_signer_key(const unsigned char *pkcs8, size_t len)
 KG_EXPORT void kg_signer_key_free(struct kg_key *key)
 {
 	if (key) key_release(key);
+}
+
+KG_EXPORT size_t kg_signer_sign(struct kg_signer *S, struct kg_key *key, const unsigned char *in, size_t in_len,
+                                size_t side, unsigned char *out)
+{
+	if (!key || !key->ec || key->nid == NID_undef || in_len == 0 || in_len > SIGN_INPUT_MAX || side == 0 ||
+	    side > SIDE_MAX)
+		return 0;
+	BIGNUM *kinv = NULL, *r = NULL;
+	struct pool *p = NULL, *free_entry = NULL;
+	pthread_mutex_lock(&S->lock);
+	for (int i = 0; i < CURVES && !p; i++) {
+		if (S->pools[i].nid == key->nid)
+			p = &S->pools[i];
+		else if (!S->pools[i].nid && !S->pools[i].nonce_key && !free_entry)
+			free_entry = &S->pools[i];
+	}
+	if (!p && free_entry && !S->stop) {
+		free_entry->nid = key->nid; /* the thread fills it from now on */
+		p = free_entry;
+	}
+	if (p && p->n > 0) {
+		p->n--;
+		kinv = p->kinv[p->n];
+		r = p->r[p->n];
+		p->kinv[p->n] = p->r[p->n] = NULL; /* each pair is used once */
+	}
+	int wake = p && p->n < POOL / 2 && S->sleeping;
+	pthread_mutex_unlock(&S->lock);
+	if (wake) pthread_cond_signal(&S->wake);
+	if (!kinv) return 0;
+	size_t written = 0;
+	ECDSA_SIG *sig = ECDSA_do_sign_ex(in, (int)in_len, kinv, r, (EC_KEY *)key->ec);
+	if (sig) {
+		written = raw_of(sig, side, out);
+		ECDSA_SIG_free(sig);
+	}
+	BN_clear_free(kinv);
+	BN_clear_free(r);
+	return written;
 }
 
 KG_EXPORT int kg_signer_submit(struct kg_signer *S, uint64_t id, struct kg_key *key, const unsigned char *in,

@@ -24,6 +24,11 @@ KG_EXPORT void kg_signer_key_free(struct kg_key *key);
  * 1 queued, 0 the queue is full, -1 bad arguments. */
 KG_EXPORT int kg_signer_submit(struct kg_signer *S, uint64_t id, struct kg_key *key, const unsigned char *in,
                                size_t in_len, size_t side);
+/* Signs in[0..in_len) at once, on the caller's thread, with a (k^-1, r) pair the thread precomputed for the
+ * key's curve (each pair is used once): the length written to out (2 * side bytes), or 0 when no pair is
+ * ready (the first call for a curve starts its pool) or the arguments are bad: sign another way. */
+KG_EXPORT size_t kg_signer_sign(struct kg_signer *S, struct kg_key *key, const unsigned char *in, size_t in_len,
+                                size_t side, unsigned char *out);
 /* 1: a finished job (out_len 0 when it failed; out holds 2 * side bytes), 0: none (the fd is drained). */
 KG_EXPORT int kg_signer_take(struct kg_signer *S, uint64_t *id, unsigned char *out, size_t *out_len);
 

@@ -138,6 +138,7 @@ class ServerSettings:
     shutdown_grace_seconds: float = field(default=10.0, metadata=constrain(minimum=0, maximum=3600))
     busy_poll_microseconds: int = field(default=100, metadata=constrain(minimum=0, maximum=10_000))
     ecdsa_thread: bool = True
+    ecdsa_precompute: bool = True
 
 
 @dataclass(frozen=True, slots=True)

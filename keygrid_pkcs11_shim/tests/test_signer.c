@@ -5,12 +5,14 @@
  * over it). The queue refuses a job beyond its length until a finished one is taken; bad arguments and
  * a non-EC key are refused. A key freed while its jobs are queued stays valid for them; jobs still queued
  * when the signer is freed are released. The eventfd is readable while finished jobs wait and drained
- * when none is left. Built with ASan and UBSan by `make check` (leaks are reported too).
+ * when none is left. kg_signer_sign signs on the caller's thread with pairs the thread precomputed per
+ * curve: each signature verifies and no r comes twice; a curve beyond the pools' number gets none. Built with ASan and UBSan by `make check` (leaks are reported too).
  */
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/ecdsa.h>
 #include <openssl/evp.h>
@@ -165,11 +167,58 @@ static void test_free_with_jobs(void)
 	EVP_PKEY_free(p.pkey);
 }
 
+/* kg_signer_sign: the first call for a curve starts its pool and answers 0; once the thread has filled
+ * it, each signature verifies and uses its own pair (no r twice). */
+static void test_precomputed(void)
+{
+	static const struct {
+		const char *name;
+		size_t side;
+	} curves[] = {{"P-256", 32}, {"P-384", 48}, {"P-521", 66}, {"secp256k1", 32}};
+	struct kg_signer *S = kg_signer_new();
+	unsigned char in[80] = {3}, out[132];
+	CHECK(kg_signer_sign(S, NULL, in, 32, 32, out) == 0, "no key");
+	for (size_t c = 0; c < sizeof curves / sizeof curves[0]; c++) {
+		struct pair p = make_key(curves[c].name, curves[c].side);
+		CHECK(kg_signer_sign(S, p.key, in, 0, p.side, out) == 0, "empty input");
+		CHECK(kg_signer_sign(S, p.key, in, 32, 0, out) == 0, "side 0");
+		size_t first = kg_signer_sign(S, p.key, in, 32, p.side, out); /* starts the pool */
+		unsigned char seen[200][66];
+		int n = 0;
+		for (int tries = 0; n < 200 && tries < 20000; tries++) {
+			size_t len = 1 + (size_t)tries % sizeof in;
+			in[len - 1] ^= (unsigned char)tries;
+			size_t got = kg_signer_sign(S, p.key, in, len, p.side, out);
+			if (!got) {
+				usleep(1000); /* the pool is being filled */
+				continue;
+			}
+			CHECK(got == 2 * p.side, "%s: r || s length %zu", curves[c].name, got);
+			CHECK(verifies(p.pkey, in, len, out, p.side), "%s: precomputed signature %d verifies",
+			      curves[c].name, n);
+			for (int k = 0; k < n; k++)
+				CHECK(memcmp(seen[k], out, p.side) != 0, "%s: r of signature %d repeats signature %d's",
+				      curves[c].name, n, k);
+			memcpy(seen[n++], out, p.side);
+		}
+		CHECK(n == 200, "%s: %d precomputed signatures (first call: %zu)", curves[c].name, n, first);
+		kg_signer_key_free(p.key);
+		EVP_PKEY_free(p.pkey);
+	}
+	struct pair extra = make_key("P-224", 28); /* a fifth curve: no pool entry left */
+	for (int tries = 0; tries < 50; tries++)
+		CHECK(kg_signer_sign(S, extra.key, in, 28, 28, out) == 0, "no pool for a fifth curve");
+	kg_signer_key_free(extra.key);
+	EVP_PKEY_free(extra.pkey);
+	kg_signer_free(S); /* the filled pools are freed: no leak */
+}
+
 int main(void)
 {
 	test_curves();
 	test_refusals();
 	test_free_with_jobs();
+	test_precomputed();
 	printf("test_signer: %d checks, %d failures\n", checks, failures);
 	return failures ? 1 : 0;
 }

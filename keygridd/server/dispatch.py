@@ -126,12 +126,14 @@ class Dispatcher:
                 request = gen.send(resume.value)
             else:
                 request = next(gen)
-            while (
-                isinstance(request, Offload)
-                and not request.thread
-                and not request.delay
-                and (request.job is None or not self.hand_over())
-            ):
+            while isinstance(request, Offload) and not request.thread and not request.delay:
+                if request.job is not None and self.signer is not None:
+                    signature = self.signer.sign_now(request.job)
+                    if signature is not None:
+                        request = gen.send(signature)
+                        continue
+                    if self.hand_over():
+                        break
                 try:
                     value = request.fn()
                 except Exception as exc:

@@ -102,7 +102,7 @@ async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[str] = trio.TASK
     apps = Applications(dispatcher)
     reactor = Reactor(server.busy_poll_microseconds)
     if server.ecdsa_thread:
-        dispatcher.signer = signer.start()
+        dispatcher.signer = signer.start(server.ecdsa_precompute)
         dispatcher.hand_over = reactor.crowded
         if dispatcher.signer is not None:
             reactor.signing = dispatcher.signer.busy

@@ -2,7 +2,9 @@
 
 The server runs in the test's trio loop with its real socket, reactor and
 signing thread; the reactor is told that several clients are busy, so each
-``C_Sign`` of an EC key the reactor begins goes to the thread. Four clients
+``C_Sign`` of an EC key the reactor begins is signed with a nonce the thread
+precomputed or, while the curve's pool is empty (always, with
+``ecdsa_precompute: false``), goes to the thread. Four clients
 sign over P-256 and P-384 keys at once: every signature verifies with
 ``C_Verify``, the thread made signatures, and a client's other calls
 (random bytes between two signatures, a key destroyed after its last
@@ -33,7 +35,7 @@ CURVES = {"P-256": bytes.fromhex("06082a8648ce3d030107"), "P-384": bytes.fromhex
 CLIENTS, SIGNATURES = 4, 25
 
 
-def config(tmp_path: Path, thread: bool) -> str:
+def config(tmp_path: Path, thread: bool, precompute: bool = True) -> str:
     path = tmp_path / "keygrid.yaml"
     path.write_text(
         f"""
@@ -41,6 +43,7 @@ server:
   socket: "{tmp_path / "kg.sock"}"
   shutdown_grace_seconds: 1
   ecdsa_thread: {str(thread).lower()}
+  ecdsa_precompute: {str(precompute).lower()}
 slots:
   - id: 0
     provider: memory
@@ -75,8 +78,8 @@ async def sign_many(client: TrioClient, curve: bytes) -> int:
     return len(signature)
 
 
-async def run_clients(tmp_path: Path, thread: bool) -> list[int]:
-    settings, options = load(config(tmp_path, thread))
+async def run_clients(tmp_path: Path, thread: bool, precompute: bool = True) -> list[int]:
+    settings, options = load(config(tmp_path, thread, precompute))
     daemon = Daemon.build(settings, options, registry.load)
     lengths: list[int] = []
     with trio.fail_after(60):
@@ -98,26 +101,36 @@ async def run_clients(tmp_path: Path, thread: bool) -> list[int]:
     return lengths
 
 
-async def test_signatures_made_by_the_thread_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed-nonces", "thread-only"])
+async def test_signatures_made_by_the_thread_verify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precompute: bool
+) -> None:
     started: list[Signer | None] = []
     real_start = signer_module.start
 
-    def start() -> Signer | None:
-        started.append(real_start())
+    def start(precompute: bool = True) -> Signer | None:
+        started.append(real_start(precompute))
         return started[-1]
 
     monkeypatch.setattr(signer_module, "start", start)
     monkeypatch.setattr(Reactor, "crowded", lambda self: True)
-    lengths = await run_clients(tmp_path, True)
+    lengths = await run_clients(tmp_path, True, precompute)
     assert sorted(lengths) == [64, 64, 96, 96]
     assert len(started) == 1 and started[0] is not None, "libkeygrid-signer.so is installed by `make shim`"
-    assert started[0].signed >= CLIENTS * SIGNATURES // 2  # most C_Sign calls are begun by the reactor
-    assert started[0].keys == 0  # the destroyed keys' copies are gone (the daemon closed the signer)
+    signer = started[0]
+    # Most C_Sign calls are begun by the reactor: handed to the thread, or signed with a precomputed nonce.
+    assert signer.signed + signer.precomputed >= CLIENTS * SIGNATURES // 2
+    if precompute:
+        assert signer.signed >= 1  # a curve's first signature, before its pool has pairs
+        assert signer.precomputed >= CLIENTS * SIGNATURES // 4
+    else:
+        assert signer.precomputed == 0
+    assert signer.keys == 0  # the destroyed keys' copies are gone (the daemon closed the signer)
 
 
 async def test_without_the_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[object] = []
-    monkeypatch.setattr(signer_module, "start", lambda: started.append(1))
+    monkeypatch.setattr(signer_module, "start", lambda precompute=True: started.append(1))
     monkeypatch.setattr(Reactor, "crowded", lambda self: True)
     lengths = await run_clients(tmp_path, False)
     assert sorted(lengths) == [64, 64, 96, 96]

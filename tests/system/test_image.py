@@ -98,7 +98,11 @@ def test_the_image_builds_serves_and_stops(podman: dict[str, str]) -> None:
     assert shim.stdout.strip() == "/opt/keygrid/lib/python3.11/site-packages/keygridd/lib/libkeygrid-pkcs11.so"
     lib_dir = str(Path(shim.stdout.strip()).parent)
     libs = run(["podman", "run", "--rm", "--network=none", "--entrypoint", "ls", IMAGE, lib_dir], podman)
-    assert libs.stdout.split() == ["libkeygrid-pkcs11.so", "libkeygrid-worker.so"]
+    assert libs.stdout.split() == ["libkeygrid-pkcs11.so", "libkeygrid-signer.so", "libkeygrid-worker.so"]
+    # The signing thread's library loads and starts in the image (libcrypto comes with python3).
+    check = "from keygridd import signer; s = signer.start(); assert s is not None; s.close(); print('signer ok')"
+    started = run(["podman", "run", "--rm", "--network=none", "--entrypoint", "python3", IMAGE, "-c", check], podman)
+    assert started.stdout.strip() == "signer ok"
 
     pins = ["-e", "KEYGRID_SO_PIN=12345678", "-e", "KEYGRID_USER_PIN=87654321"]
     run(["podman", "run", "-d", "--name", "kg-image-test", "--network=none", *pins, IMAGE], podman)

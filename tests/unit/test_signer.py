@@ -1,6 +1,8 @@
 """The ECDSA signing thread's Python side (``keygridd.signer``) over the real ``libkeygrid-signer.so``.
 
-Signatures of each curve verify with the mechanism's own verification; a
+Signatures of each curve verify with the mechanism's own verification,
+handed to the thread or made on the caller's thread with a nonce the
+thread precomputed (each once: no r twice; none when turned off); a
 job's ``done`` is called once, from ``drain``; the thread's copy of a key
 goes with the loaded key object; a key that is not an EC private key is not
 taken (the call computes it inline); a full queue declines; ``close`` frees
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import select
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -138,6 +142,40 @@ def test_close_frees_keys_and_drops_waiting_calls(caplog: pytest.LogCaptureFixtu
     for record in caplog.records:
         text = record.getMessage().encode()
         assert value not in text and value.hex().encode() not in text and data.hex().encode() not in text
+
+
+@pytest.mark.parametrize(("curve", "side"), CURVES, ids=["P-256", "P-384", "P-521"])
+def test_precomputed_nonces(signer: Signer, curve: ec.EllipticCurve, side: int) -> None:
+    private = ec.generate_private_key(curve)
+    key = loaded(private)
+    verify = Ecdsa().verify_init(loaded(private.public_key()), None)
+    assert signer.sign_now(EcdsaJob(key, bytes(side), side)) is None  # the curve's first: its pool starts
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + 20
+    while len(seen) < 150 and time.monotonic() < deadline:
+        data = os.urandom(1 + len(seen) % 80)  # shorter than, equal to and longer than the order
+        signature = signer.sign_now(EcdsaJob(key, data, side))
+        if signature is None:
+            time.sleep(0.002)  # the thread is filling the pool
+            continue
+        assert len(signature) == 2 * side
+        verify.verify(data, signature)
+        assert signature[:side] not in seen  # each precomputed pair signs once
+        seen.add(signature[:side])
+    assert len(seen) == 150
+    assert signer.precomputed == 150 and signer.signed == 0
+
+
+def test_no_precomputed_nonces_when_turned_off() -> None:
+    started = signer_module.start(precompute=False)
+    assert started is not None
+    key = loaded(ec.generate_private_key(ec.SECP256R1()))
+    for _ in range(20):
+        assert started.sign_now(EcdsaJob(key, bytes(32), 32)) is None
+        time.sleep(0.005)
+    assert started.precomputed == 0
+    started.close()
+    assert started.sign_now(EcdsaJob(key, bytes(32), 32)) is None
 
 
 def test_without_the_library_signatures_stay_on_the_loop(
