@@ -7,8 +7,9 @@ CKR_GENERAL_ERROR. Offload requests from the core run inline or in a worker
 thread behind the daemon's CapacityLimiter. Provider effects (injected
 latency or errors) are applied here, before the core sees the call. Calls of
 passthrough slots go to the core's ``Passthrough``; the module calls they
-yield (``Forward``) are awaited here. An ECDSA signature may be left pending
-for the signer beside the loop (``keygridd.signer``, see ``hand_over``).
+yield (``Forward``) are awaited here. An ECDSA signature is made with a
+precomputed nonce, or left pending for the signing thread beside the loop
+(``keygridd.signer``, see ``hand_over``).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class Dispatcher:
         self.effects = {slot_id: p for slot_id, p in providers.items() if p.injects_effects()}
         self.limiter = limiter
         self.max_attributes = max_attributes
-        # An ECDSA signature (an Offload with a job) is left to the connection, which hands it to the signer
-        # beside the loop, while hand_over() says so (several clients are busy); else it is computed inline.
+        # An ECDSA signature (an Offload with a job) is made with a nonce the signer precomputed when one is
+        # ready; else it is left to the connection, which hands it to the signer's thread, while hand_over()
+        # says so (several clients are busy); else it is computed inline.
         self.signer: Signer | None = None
         self.hand_over: Callable[[], bool] = _never
 
