@@ -5,11 +5,16 @@
  * lock) and serves other requests meanwhile; it learns of finished signatures through an eventfd in
  * its epoll set. The signature comes out as PKCS#11 wants it, r || s, each the curve order's length.
  *
- * Calls from the loop: kg_signer_submit (queue a job; never blocks on the computation) and
- * kg_signer_take (a finished job, if any). Keys are made from PKCS#8 by kg_signer_key; a queued job holds
- * a reference of its own, so a key freed meanwhile stays valid until its jobs end.
- * The thread sleeps on a condition variable while its queue is empty: polling for the next job would take
- * the core the clients' threads run on (measured: fewer signatures for any polling time).
+ * Calls from the loop: kg_signer_sign (sign at once with a precomputed nonce, if one is ready),
+ * kg_signer_submit (queue a job; never blocks on the computation) and kg_signer_take (a finished job, if
+ * any). Keys are made from PKCS#8 by kg_signer_key; a queued job holds a reference of its own, so a key
+ * freed meanwhile stays valid until its jobs end.
+ *
+ * While no job waits, the thread fills a pool of (k^-1, r) pairs per curve (ECDSA_sign_setup, k from
+ * OpenSSL's private DRBG); kg_signer_sign takes one pair out under the lock, so no pair signs twice, and
+ * finishes the signature with ECDSA_do_sign_ex. A curve's pool starts with its first kg_signer_sign.
+ * The thread sleeps on a condition variable when it has no job and no pool to fill: polling for the next
+ * job would take the core the clients' threads run on (measured: fewer signatures for any polling time).
  */
 #define _GNU_SOURCE
 /* ECDSA_sign_setup and ECDSA_do_sign_ex (precomputed k^-1 and r) and the EC_KEY they take are deprecated

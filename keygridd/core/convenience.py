@@ -19,6 +19,7 @@ from keygridd.core.model import Application, Obj, OpKind, Session, Slot
 from keygridd.core.offload import Offload, Work
 from keygridd.core.remote import RemoteToken
 from keygridd.core.remote_convenience import matching_tokens, uri_call
+from keygridd.mechanisms.base import sign_job
 from keygridd.pkcs11 import CKA, CKO, CKU
 from keygridd.pkcs11.errors import ArgumentsBad, KeyHandleInvalid, SlotIdInvalid, TokenNotRecognized
 from keygridd.pkcs11.params import Mechanism
@@ -155,8 +156,7 @@ class ConvenienceFunctions(CryptoFunctions):
             return cast(bytes, out)
         op = yield from self._uri_op(app, uri, OpKind.SIGN, mechanism, pin)
         try:
-            job_for = getattr(op.context, "job_for", None)
-            job = job_for(data) if job_for is not None else None
+            job = sign_job(op.context, data)
             signature: bytes = yield Offload(lambda: op.context.sign(data), op.thread, job=job)
         finally:
             self._finish(op)

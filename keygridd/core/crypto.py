@@ -22,7 +22,7 @@ from keygridd.core.offload import Offload, Work
 from keygridd.core.store import Attributes
 from keygridd.mechanisms import Cost
 from keygridd.mechanisms import Mechanism as MechanismImpl
-from keygridd.mechanisms.base import EcdsaJob
+from keygridd.mechanisms.base import EcdsaJob, sign_job
 from keygridd.pkcs11 import CKA, CKO, MechanismFlag
 from keygridd.pkcs11.errors import (
     BufferTooSmall,
@@ -246,13 +246,12 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         session = self.session(app, handle)
         op = self._op(session, OpKind.SIGN, multipart=False)
         ctx = op.context
-        job_for = getattr(ctx, "job_for", None)
-        job = job_for(data) if job_for is not None else None
         return (
             yield from self._run(
-                session, op, "one", data, out_len, lambda: ctx.length, lambda: ctx.sign(data), True, job
+                session, op, "one", data, out_len, lambda: ctx.length, lambda: ctx.sign(data), True,
+                sign_job(ctx, data),
             )
-        )
+        )  # fmt: skip
 
     def C_SignUpdate(self, app: Application, handle: int, data: bytes) -> Work[None]:
         session = self.session(app, handle)

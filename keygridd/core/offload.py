@@ -28,7 +28,7 @@ class Offload:
     fn: Callable[[], Any]
     thread: bool  # True: run in a worker thread; False: cheap enough to run inline
     delay: float = 0.0  # seconds to wait first, without blocking anyone else (PIN throttling)
-    job: EcdsaJob | None = None  # what fn computes, when the server may hand it to its signer instead
+    job: EcdsaJob | None = None  # what fn computes, for the server's signer (precomputed nonce or thread)
 
 
 Done = Callable[[Any, Exception | None], None]  # a started call's result, or its error

@@ -243,6 +243,13 @@ class EcdsaJob:
     side: int
 
 
+def sign_job(context: object, data: bytes) -> EcdsaJob | None:
+    """What a sign context's single-part signature of ``data`` computes, for the signer (None: only its
+    own ``sign`` can)."""
+    job_for = getattr(context, "job_for", None)
+    return job_for(data) if job_for is not None else None
+
+
 class SinglePart:
     """Mixin for single-part-only contexts: multi-part calls fail (see the module docstring)."""
 
