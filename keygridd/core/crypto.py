@@ -64,6 +64,12 @@ _USAGE = {
 }
 
 
+# Read on every operation: module globals are read faster than enum members.
+_ALLOWED_MECHANISMS, _ALWAYS_AUTHENTICATE = int(CKA.ALLOWED_MECHANISMS), int(CKA.ALWAYS_AUTHENTICATE)
+_THREAD = Cost.THREAD
+_ENCRYPT, _DECRYPT, _SIGN = OpKind.ENCRYPT, OpKind.DECRYPT, OpKind.SIGN
+
+
 class CryptoFunctions(ObjectFunctions, CoreState):
     # --- shared machinery -------------------------------------------------------------------------
 
@@ -76,7 +82,7 @@ class CryptoFunctions(ObjectFunctions, CoreState):
     def _check_key_use(self, key: Obj, attr: int, mechanism: int) -> None:
         if key.attrs.get(attr) is not True:
             raise KeyFunctionNotPermitted(f"the key does not allow {CKA(attr)}")
-        allowed = key.attrs.get(CKA.ALLOWED_MECHANISMS)
+        allowed = key.attrs.get(_ALLOWED_MECHANISMS)
         if isinstance(allowed, tuple) and allowed and mechanism not in allowed:
             raise MechanismInvalid("the key's CKA_ALLOWED_MECHANISMS excludes this mechanism")
 
@@ -88,9 +94,10 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         self._check_key_use(key, attr, mechanism.mechanism)
         loaded = self.key(session, key)
         context = getattr(impl, method)(loaded, mechanism.param)
-        op = Operation(kind, context, mechanism.mechanism, key, impl.cost(loaded) is Cost.THREAD)
-        op.needs_context_login = key.attrs.get(CKA.ALWAYS_AUTHENTICATE) is True
-        return op
+        return Operation(
+            kind, context, mechanism.mechanism, key, impl.cost(loaded) is _THREAD,
+            needs_context_login=key.attrs.get(_ALWAYS_AUTHENTICATE) is True,
+        )  # fmt: skip
 
     def _begin(self, app: Application, handle: int, kind: OpKind, mechanism: Mechanism, key_handle: int) -> None:
         session = self.session(app, handle)
@@ -147,10 +154,10 @@ class CryptoFunctions(ObjectFunctions, CoreState):
     # --- encrypt / decrypt -----------------------------------------------------------------------
 
     def C_EncryptInit(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
-        self._begin(app, handle, OpKind.ENCRYPT, mechanism, key)
+        self._begin(app, handle, _ENCRYPT, mechanism, key)
 
     def C_DecryptInit(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
-        self._begin(app, handle, OpKind.DECRYPT, mechanism, key)
+        self._begin(app, handle, _DECRYPT, mechanism, key)
 
     def _cipher(self, app: Application, handle: int, kind: OpKind, data: bytes, out_len: int | None) -> Work[Out]:
         session = self.session(app, handle)
@@ -183,7 +190,7 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         return (yield from self._run(session, op, "final", b"", out_len, ctx.final_length, ctx.final, True))
 
     def C_Encrypt(self, app: Application, handle: int, data: bytes, out_len: int | None) -> Work[Out]:
-        return (yield from self._cipher(app, handle, OpKind.ENCRYPT, data, out_len))
+        return (yield from self._cipher(app, handle, _ENCRYPT, data, out_len))
 
     def C_EncryptUpdate(self, app: Application, handle: int, data: bytes, out_len: int | None) -> Work[Out]:
         return (yield from self._cipher_update(app, handle, OpKind.ENCRYPT, data, out_len))
@@ -192,7 +199,7 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         return (yield from self._cipher_final(app, handle, OpKind.ENCRYPT, out_len))
 
     def C_Decrypt(self, app: Application, handle: int, data: bytes, out_len: int | None) -> Work[Out]:
-        return (yield from self._cipher(app, handle, OpKind.DECRYPT, data, out_len))
+        return (yield from self._cipher(app, handle, _DECRYPT, data, out_len))
 
     def C_DecryptUpdate(self, app: Application, handle: int, data: bytes, out_len: int | None) -> Work[Out]:
         return (yield from self._cipher_update(app, handle, OpKind.DECRYPT, data, out_len))
@@ -240,11 +247,11 @@ class CryptoFunctions(ObjectFunctions, CoreState):
     # --- sign / verify ---------------------------------------------------------------------------
 
     def C_SignInit(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
-        self._begin(app, handle, OpKind.SIGN, mechanism, key)
+        self._begin(app, handle, _SIGN, mechanism, key)
 
     def C_Sign(self, app: Application, handle: int, data: bytes, out_len: int | None) -> Work[Out]:
         session = self.session(app, handle)
-        op = self._op(session, OpKind.SIGN, multipart=False)
+        op = self._op(session, _SIGN, multipart=False)
         ctx = op.context
         return (
             yield from self._run(

@@ -21,6 +21,8 @@ from keygridd.core.store import Attributes, TokenStore
 from keygridd.mechanisms import LoadedKey, MechanismInfo
 from keygridd.pkcs11 import CKA, CKK, CKO, CKS, CKU
 
+_PRIVATE = int(CKA.PRIVATE)  # read on every object use: a module global is read faster than an enum member
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -61,7 +63,7 @@ class Obj:
 
     @property
     def private(self) -> bool:
-        return bool(self.attrs.get(CKA.PRIVATE, False))
+        return bool(self.attrs.get(_PRIVATE, False))
 
     def flag(self, attr: int) -> bool:
         return self.attrs.get(attr) is True

@@ -33,6 +33,9 @@ from keygridd.pkcs11.errors import (
 KEY_CLASSES = (CKO.PUBLIC_KEY, CKO.PRIVATE_KEY, CKO.SECRET_KEY)
 
 
+_FIND = OpKind.FIND  # read on every search call: a module global is read faster than an enum member
+
+
 class ObjectFunctions(CoreState):
     def _check_writable(self, session: Session, attrs: Attributes) -> None:
         """May this session hold an object with these attributes (token/private)?"""
@@ -135,20 +138,20 @@ class ObjectFunctions(CoreState):
 
     def C_FindObjectsInit(self, app: Application, handle: int, template: Sequence[tuple[int, AttrValue]]) -> None:
         session = self.session(app, handle)
-        if OpKind.FIND in session.ops:
+        if _FIND in session.ops:
             raise OperationActive("a search is active")
-        found = [
-            o
+        visible, matches, handle_for = self.visible, objects.matches, app.handle_for
+        handles = [
+            handle_for(o)
             for o in self.objects_of(session, template)
-            if self.visible(session, o) and objects.matches(o.attrs, template)
+            if visible(session, o) and matches(o.attrs, template)
         ]
-        handles = [app.handle_for(o) for o in found]
         handles.reverse()  # popped from the end: oldest first
-        session.ops[OpKind.FIND] = Operation(OpKind.FIND, handles, 0)
+        session.ops[_FIND] = Operation(_FIND, handles, 0)
 
     def C_FindObjects(self, app: Application, handle: int, max_count: int) -> list[int]:
         session = self.session(app, handle)
-        op = session.ops.get(OpKind.FIND)
+        op = session.ops.get(_FIND)
         if op is None:
             raise OperationNotInitialized("no search is active")
         pending: list[int] = op.context
@@ -162,5 +165,5 @@ class ObjectFunctions(CoreState):
 
     def C_FindObjectsFinal(self, app: Application, handle: int) -> None:
         session = self.session(app, handle)
-        if session.ops.pop(OpKind.FIND, None) is None:
+        if session.ops.pop(_FIND, None) is None:
             raise OperationNotInitialized("no search is active")

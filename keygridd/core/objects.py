@@ -142,20 +142,33 @@ def check_change(current: Mapping[int, AttrValue], template: Template, *, copyin
     return updated
 
 
+# Read for every object a search looks at: module globals are read faster than enum members.
+_CLASS, _KEY_TYPE, _SENSITIVE, _EXTRACTABLE = (
+    int(CKA.CLASS),
+    int(CKA.KEY_TYPE),
+    int(CKA.SENSITIVE),
+    int(CKA.EXTRACTABLE),
+)
+_KEY_CLASSES = frozenset({int(CKO.PRIVATE_KEY), int(CKO.SECRET_KEY)})
+
+
 def unreadable(attrs: Mapping[int, AttrValue], attr: int) -> bool:
     """True when ``attr`` is a secret component that CKA_SENSITIVE / !CKA_EXTRACTABLE hides."""
-    cls = attrs.get(CKA.CLASS)
-    if cls not in (CKO.PRIVATE_KEY, CKO.SECRET_KEY):
+    cls = attrs.get(_CLASS)
+    if cls not in _KEY_CLASSES:
         return False
-    key_type = attrs.get(CKA.KEY_TYPE)
+    key_type = attrs.get(_KEY_TYPE)
     if not policy.is_sensitive_attribute(int(cls), key_type if isinstance(key_type, int) else None, attr):
         return False
-    return attrs.get(CKA.SENSITIVE) is True or attrs.get(CKA.EXTRACTABLE) is False
+    return attrs.get(_SENSITIVE) is True or attrs.get(_EXTRACTABLE) is False
 
 
 def matches(attrs: Mapping[int, AttrValue], template: Iterable[tuple[int, AttrValue]]) -> bool:
     """C_FindObjectsInit matching: every template attribute present and equal; secrets never match."""
-    return all(attrs.get(attr) == value and not unreadable(attrs, attr) for attr, value in template)
+    for attr, value in template:  # noqa: SIM110 - a loop, not all() over a generator: this runs per object
+        if attrs.get(attr) != value or unreadable(attrs, attr):
+            return False
+    return True
 
 
 def _name(attr: int) -> str:

@@ -231,6 +231,12 @@ def rules(cls: int, key_type: int | None) -> Mapping[int, Rule]:
     return cached
 
 
+_sensitive: dict[tuple[int, int | None], frozenset[int]] = {}
+
+
 def is_sensitive_attribute(cls: int, key_type: int | None, attr: int) -> bool:
-    rule = rules(cls, key_type).get(attr)
-    return rule is not None and bool(rule.flags & F.SENSITIVE)
+    key = (cls, key_type)
+    found = _sensitive.get(key)
+    if found is None:
+        found = _sensitive[key] = frozenset(a for a, rule in rules(cls, key_type).items() if rule.flags & F.SENSITIVE)
+    return attr in found

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import padding
@@ -56,11 +57,12 @@ KEY_SIZES = (16, 24, 32)
 BLOCK = 16
 GCM_TAG_BITS = frozenset({32, 64, 96, 104, 112, 120, 128})
 _CRYPT = F.ENCRYPT | F.DECRYPT
+_SECRET_KEY = int(CKO.SECRET_KEY)  # read on every init: a module global is read faster than an enum member
 
 
 def aes_key(mech: Mechanism, key: LoadedKey) -> bytes:
     """The AES key bytes of a secret key object (KeyTypeInconsistent / KeySizeRange)."""
-    mech.check_key(key, CKO.SECRET_KEY)
+    mech.check_key(key, _SECRET_KEY)
     assert isinstance(key.material, bytes)
     if len(key.material) not in KEY_SIZES:
         raise KeySizeRange("an AES key is 16, 24 or 32 bytes")
@@ -211,11 +213,12 @@ class AesCtr(Mechanism):
 
 
 class _GcmEncrypt:
-    """Single-part encryption is one AEAD call; the streaming context is made only for C_EncryptUpdate.
-    A shorter tag is the full tag's leading bytes (SP 800-38D 5.2.1.2)."""
+    """Single-part encryption is one AEAD call, with the key's AESGCM object (made once per loaded key);
+    the streaming context is made only for C_EncryptUpdate. A shorter tag is the full tag's leading
+    bytes (SP 800-38D 5.2.1.2)."""
 
-    def __init__(self, key: bytes, p: GcmParams) -> None:
-        self._key, self._p = key, p
+    def __init__(self, key: bytes, p: GcmParams, aead: AESGCM) -> None:
+        self._key, self._p, self._aead = key, p, aead
         self._ctx: AEADEncryptionContext | None = None
         self._tag_len = p.tag_bits // 8
 
@@ -237,7 +240,7 @@ class _GcmEncrypt:
     def one_shot(self, data: bytes) -> bytes:
         if self._ctx is not None:
             return self.update(data) + self.final()
-        sealed = AESGCM(self._key).encrypt(self._p.iv, data, self._p.aad or None)
+        sealed = self._aead.encrypt(self._p.iv, data, self._p.aad or None)
         return sealed[: len(sealed) - 16 + self._tag_len]
 
     def update_length(self, n: int) -> int:
@@ -307,7 +310,11 @@ class AesGcm(Mechanism):
 
     def encrypt_init(self, key: LoadedKey, param: Param) -> _GcmEncrypt:
         p = self._params(param)
-        return _GcmEncrypt(aes_key(self, key), p)
+        material = aes_key(self, key)
+        aead = key.derived.get("aes-gcm")
+        if aead is None:
+            aead = key.derived["aes-gcm"] = AESGCM(material)
+        return _GcmEncrypt(material, p, cast(AESGCM, aead))
 
     def decrypt_init(self, key: LoadedKey, param: Param) -> _GcmDecrypt:
         p = self._params(param)

@@ -23,7 +23,7 @@ operation afterwards.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, TypeVar
 
@@ -40,12 +40,17 @@ from keygridd.pkcs11.errors import (
 )
 from keygridd.pkcs11.params import Param
 
+_CLASS, _KEY_TYPE = int(CKA.CLASS), int(CKA.KEY_TYPE)  # read on every key use: plain ints are faster
+
 
 class Cost(Enum):
     """Where the daemon runs an operation: on the event loop or in a worker thread."""
 
     INLINE = 0
     THREAD = 1
+
+
+_INLINE = Cost.INLINE  # what most mechanisms answer on every init: a module global is read faster
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,9 @@ class LoadedKey:
 
     attrs: Mapping[int, object]
     material: object
+    # Objects a mechanism makes from the material once and reuses while the key is loaded (an AES-GCM
+    # cipher, whose key schedule costs more than a 1 KiB encryption); they go with the loaded key.
+    derived: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def key_class(self) -> int:
@@ -116,7 +124,7 @@ class Mechanism:
     key_types: frozenset[int] = frozenset()
 
     def cost(self, key: LoadedKey | None) -> Cost:
-        return Cost.INLINE
+        return _INLINE
 
     def sign_init(self, key: LoadedKey, param: Param) -> SignContext:
         raise MechanismInvalid(f"{self.name} cannot sign")
@@ -155,7 +163,8 @@ class Mechanism:
 
     def check_key(self, key: LoadedKey, key_class: int) -> None:
         """Raise KeyTypeInconsistent unless ``key`` has class ``key_class`` and an accepted type."""
-        if key.attrs.get(CKA.CLASS) != key_class or key.attrs.get(CKA.KEY_TYPE) not in self.key_types:
+        attrs = key.attrs
+        if attrs.get(_CLASS) != key_class or attrs.get(_KEY_TYPE) not in self.key_types:
             raise KeyTypeInconsistent(f"{self.name} does not take this key")
 
 

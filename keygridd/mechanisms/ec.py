@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -97,6 +98,9 @@ def _raw_ecdsa(size: int) -> ec.ECDSA:
     return ec.ECDSA(utils.Prehashed(_RawHash(size)))
 
 
+_PRIVATE_KEY, _PUBLIC_KEY = int(CKO.PRIVATE_KEY), int(CKO.PUBLIC_KEY)
+
+
 class _EcMechanism(Mechanism):
     key_types = frozenset({int(CKK.EC)})
 
@@ -105,14 +109,12 @@ class _EcMechanism(Mechanism):
         self.info = MechanismInfo(MIN_BITS, MAX_BITS, int(flags | _EC_FLAGS))
 
     def private(self, key: LoadedKey) -> ec.EllipticCurvePrivateKey:
-        self.check_key(key, CKO.PRIVATE_KEY)
-        assert isinstance(key.material, ec.EllipticCurvePrivateKey)
-        return key.material
+        self.check_key(key, _PRIVATE_KEY)  # the loader made an EC private key of such an object
+        return cast(ec.EllipticCurvePrivateKey, key.material)
 
     def public(self, key: LoadedKey) -> ec.EllipticCurvePublicKey:
-        self.check_key(key, CKO.PUBLIC_KEY)
-        assert isinstance(key.material, ec.EllipticCurvePublicKey)
-        return key.material
+        self.check_key(key, _PUBLIC_KEY)
+        return cast(ec.EllipticCurvePublicKey, key.material)
 
 
 def _to_raw(der: bytes, curve: Curve) -> bytes:

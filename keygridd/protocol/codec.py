@@ -123,15 +123,17 @@ def encode_template(template: Sequence[tuple[int, AttrValue]]) -> list[list[Any]
 def _fields(raw: list[Any], types: str) -> list[Any]:
     if len(raw) != len(types) + 1:
         raise MechanismParamInvalid(f"parameter type {raw[0]}: expected {len(types)} fields")
-    for value, t in zip(raw[1:], types, strict=True):
-        ok = (
-            (t == "u" and _is_ulong(value))
-            or (t == "b" and isinstance(value, bytes))
-            or (t == "?" and isinstance(value, bool))
-        )
+    fields = raw[1:]
+    for value, t in zip(fields, types, strict=True):
+        if t == "u":
+            ok = (type(value) is int and 0 <= value <= ULONG_MAX) or _is_ulong(value)
+        elif t == "b":
+            ok = isinstance(value, bytes)
+        else:
+            ok = isinstance(value, bool)
         if not ok:
             raise MechanismParamInvalid(f"parameter type {raw[0]}: a field has the wrong type")
-    return raw[1:]
+    return fields
 
 
 def _gcm(fields: list[Any]) -> GcmParams:
@@ -150,11 +152,25 @@ _PARAM_DECODERS: dict[int, Callable[[list[Any]], Param]] = {
 }
 
 
+_WITHOUT_PARAM: dict[int, Mechanism] = {}  # frozen values, shared: most requests name one of a few
+
+
 def decode_mechanism(raw: object) -> Mechanism:
-    if not (isinstance(raw, list) and len(raw) == 2 and _is_ulong(raw[0])):
+    if not (type(raw) is list and len(raw) == 2 and (type(raw[0]) is int or _is_ulong(raw[0]))):
         raise ArgumentsBad("mechanism: expected [mechanism, parameter]")
     number, param = raw
-    if param is None or isinstance(param, bytes):
+    if param is None:
+        found = _WITHOUT_PARAM.get(number)
+        if found is None:
+            if not 0 <= number <= ULONG_MAX:
+                raise ArgumentsBad("mechanism: expected [mechanism, parameter]")
+            found = Mechanism(int(number))
+            if len(_WITHOUT_PARAM) < 4096:
+                _WITHOUT_PARAM[number] = found
+        return found
+    if not 0 <= number <= ULONG_MAX:
+        raise ArgumentsBad("mechanism: expected [mechanism, parameter]")
+    if isinstance(param, bytes):
         return Mechanism(number, param)
     if isinstance(param, list) and param and param[0] in _PARAM_DECODERS:
         return Mechanism(number, _PARAM_DECODERS[param[0]](param))
@@ -246,7 +262,8 @@ def _check_types_arg(value: object, name: str, max_attributes: int) -> tuple[int
     return types
 
 
-_ULONG, _BYTES, _OTHER = 0, 1, 2
+_ULONG, _BYTES, _OUTLEN, _MECHANISM, _OTHER = range(5)
+_KINDS = {"ulong": _ULONG, "bytes": _BYTES, "outlen": _OUTLEN, "mechanism": _MECHANISM}
 Plan = tuple[tuple[str, int, Callable[[object, str, int], Any]], ...]
 _plans: dict[str, Plan] = {}
 
@@ -268,8 +285,7 @@ def _plan(call: Call) -> Plan:
             check = _check_types_arg
         else:
             check = _ignoring_limit(_CHECKS[arg.type])
-        kind = _ULONG if arg.type == "ulong" else _BYTES if arg.type == "bytes" else _OTHER
-        steps.append((arg.name, kind, check))
+        steps.append((arg.name, _KINDS.get(arg.type, _OTHER), check))
     plan = tuple(steps)
     _plans[call.name] = plan
     return plan
@@ -281,18 +297,23 @@ def decode_args(call: Call, raw: object, max_attributes: int) -> list[Any]:
         raise ArgumentsBad(f"{call.name}: expected {len(call.args)} arguments")
     plan = _plans.get(call.name) or _plan(call)
     out: list[Any] = []
-    for (name, kind, check), value in zip(plan, raw, strict=True):
-        # The two commonest types are checked inline: this runs for every request.
+    for (name, kind, check), value in zip(plan, raw, strict=False):  # the lengths are equal (above)
+        # The commonest types are checked inline (the same checks as _CHECKS'): this runs for every request.
         if kind == _ULONG:
             if type(value) is int and 0 <= value <= ULONG_MAX:
                 out.append(value)
                 continue
-            raise ArgumentsBad(f"{name}: expected an unsigned integer")
-        if kind == _BYTES:
+        elif kind == _BYTES:
             if type(value) is bytes:
                 out.append(value)
                 continue
-            raise ArgumentsBad(f"{name}: expected binary")
+        elif kind == _OUTLEN:
+            if value is None or (type(value) is int and -1 <= value <= ULONG_MAX):
+                out.append(value)
+                continue
+        elif kind == _MECHANISM:
+            out.append(decode_mechanism(value))
+            continue
         out.append(check(value, name, max_attributes))
     return out
 

@@ -48,6 +48,9 @@ EOF = object()  # next_message's answer when the peer closed the connection betw
 ANSWERED, FORWARDED, HANDED = 0, 1, 2  # its reply is in the outbox; a module works on it; the task has it
 
 
+_SESSION, _APP = Lock.SESSION, Lock.APP  # read on every request: module globals are read faster
+
+
 def _is_request(message: Any) -> bool:
     """``[0, id, method, args]`` with integers that are not booleans."""
     return (
@@ -242,14 +245,7 @@ class Connection:
     def on_readable(self) -> bool:
         """The reactor's turn: read, answer the requests that complete on the loop, send the replies.
         False hands the connection back to its task, with what it must carry on with."""
-        try:
-            return self.answer_ready()
-        except Exception as exc:  # a bug: the task ends the connection with it
-            self.failure = exc
-            return False
-
-    def answer_ready(self) -> bool:
-        assert self.raw is not None and self.app is not None
+        assert self.raw is not None
         try:
             data = self.raw.sock.recv(65536)
         except BlockingIOError:
@@ -259,16 +255,20 @@ class Connection:
         if not data:
             self.at_eof = True
             return False
-        body = self.reader.take_whole(data)
-        if body is not None:  # one request, the usual read
-            state = self.answer_frame(body)
-        else:
-            self.reader.feed(data)
-            state = self.answer_buffered()
-        if state == HANDED:
+        try:
+            body = self.reader.take_whole(data)
+            if body is not None:  # one request, the usual read
+                state = self.answer_frame(body)
+            else:
+                self.reader.feed(data)
+                state = self.answer_buffered()
+            if state == HANDED:
+                return False
+            sent = self.send_outbox()
+            return sent or state == FORWARDED  # held: what the socket did not take goes with the module's reply
+        except Exception as exc:  # a bug: the task ends the connection with it
+            self.failure = exc
             return False
-        sent = self.send_outbox()
-        return sent or state == FORWARDED  # held: what the socket did not take goes with the module's reply
 
     def answer_buffered(self) -> int:
         """Begin the requests read but not yet begun, up to a turn's worth; stop at one a module works on."""
@@ -289,7 +289,11 @@ class Connection:
         connection is held), or HANDED to the task (the ``Step`` begun, or the protocol error)."""
         assert self.app is not None
         try:
-            step = self.begin(self.app, self.decode(body))
+            try:
+                message = codec.unpack(body)
+            except ValueError as exc:
+                raise ProtocolViolation(str(exc)) from None
+            step = self.begin(self.app, message)
         except ProtocolViolation as exc:
             self.failure = exc
             return HANDED
@@ -495,11 +499,12 @@ class Connection:
             self.outbox.append(self.encode([codec.RESPONSE, msgid, exc.rv, None, exc.message or None]))
             return None
         key: Any = None
-        if call.lock is Lock.SESSION:
+        lock = call.lock
+        if lock is _SESSION:
             key = ("session", args[0])
-        elif call.lock is Lock.APP:
+        elif lock is _APP:
             key = ("app",)
-        previous = self.tails.get(key) if key is not None else None
+        previous = self.tails.get(key) if key is not None and self.tails else None
         if previous is not None:
             return Step(msgid, call, args, key, previous, None)
         # Nothing of this session in flight, so run it now, on the loop.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from mech_helpers import ec_pair, secret
 
 from keygridd.mechanisms import (
@@ -120,6 +121,21 @@ def test_gcm_single_part_equals_multi_part(tag_bits: int, aad: bytes) -> None:
     assert one == ctx.update(data[:33]) + ctx.update(data[33:]) + ctx.final()
     assert len(one) == len(data) + tag_bits // 8
     assert get(CKM.AES_GCM).decrypt_init(key, p).one_shot(one) == data
+
+
+def test_gcm_cipher_is_made_once_per_loaded_key() -> None:
+    """The AESGCM object (its key schedule) is kept with the loaded key and reused for every IV."""
+    key, other = secret(bytes(range(32))), secret(bytes(range(1, 33)))
+    gcm = get(CKM.AES_GCM)
+    outputs = [gcm.encrypt_init(key, GcmParams(iv=bytes([i]) * 12)).one_shot(b"data") for i in range(3)]
+    kept = key.derived["aes-gcm"]
+    assert gcm.encrypt_init(key, GcmParams(iv=bytes(12))).one_shot(b"data") and key.derived["aes-gcm"] is kept
+    assert len(set(outputs)) == 3  # each IV still gives its own ciphertext
+    for i, sealed in enumerate(outputs):
+        assert AESGCM(bytes(range(32))).decrypt(bytes([i]) * 12, sealed, None) == b"data"
+    gcm.encrypt_init(other, GcmParams(iv=bytes(12)))
+    assert other.derived["aes-gcm"] is not kept  # another key gets its own
+    assert "aes-gcm" not in secret(bytes(16)).derived  # made on first use only
 
 
 def test_gcm_tag_checked_before_release() -> None:

@@ -198,6 +198,13 @@ def test_plain_mechanism_number_is_encoded_with_nil() -> None:
     assert codec.pack(codec.encode_mechanism(CKM.SHA256)) == H("92 cd 02 50 c0")
 
 
+def test_a_mechanism_without_parameter_is_one_shared_value() -> None:
+    first = codec.decode_mechanism(codec.unpack(codec.pack([0x1041, None])))
+    assert first == Mechanism(CKM.ECDSA) and type(first.mechanism) is int
+    assert codec.decode_mechanism([CKM.ECDSA, None]) is first  # frozen: one value serves every request
+    assert codec.decode_mechanism([CKM.ECDSA, b""]) == Mechanism(CKM.ECDSA, b"")
+
+
 @pytest.mark.parametrize(
     "raw, error",
     [
@@ -206,6 +213,9 @@ def test_plain_mechanism_number_is_encoded_with_nil() -> None:
         ([CKM.SHA256, None, None], ArgumentsBad),
         (["CKM_SHA256", None], ArgumentsBad),
         ([-1, None], ArgumentsBad),
+        ([1 << 64, None], ArgumentsBad),
+        ([True, None], ArgumentsBad),
+        ([1 << 64, b"p"], ArgumentsBad),
         ([CKM.ECDSA, "p"], MechanismParamInvalid),
         ([CKM.ECDSA, 1], MechanismParamInvalid),
         ([CKM.ECDSA, {}], MechanismParamInvalid),

@@ -94,6 +94,45 @@ async def test_answered_requests_leave_the_task_parked(pairs: list[tuple[socket.
     reactor.close()
 
 
+class Endless(Fake):
+    """A connection that always has more to read, for ``limit`` turns: then it goes back to its task
+    (so that a reactor that never yields ends, and the test fails instead of hanging)."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        super().__init__(sock)
+        self.turns = 0
+        self.limit = limit
+
+    def on_readable(self) -> bool:
+        self.turns += 1  # reads nothing: the socket stays readable
+        return self.turns < self.limit
+
+
+async def test_a_reactor_that_never_runs_out_of_requests_lets_other_tasks_run(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    (ours, client), (other, other_client) = pairs
+    reactor = Reactor()
+    conn = Endless(ours, limit=2_000_000)
+    client.send(b"always readable")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reactor.run)
+        nursery.start_soon(reactor.wait, conn)  # (park() would wait for all tasks to block: they never do)
+        while not conn.turns:
+            await trio.sleep(0)
+        before = conn.turns
+        for _ in range(10):
+            await trio.sleep(0)  # a runnable task runs between the reactor's turns
+        assert before < conn.turns < conn.limit
+        writer = send_later(other_client, b"x")
+        await trio.lowlevel.wait_readable(other)  # trio still polls its own I/O
+        writer.join()
+        await trio.sleep(0.01)  # and runs its timers
+        assert conn.turns < conn.limit  # all that while the reactor served on
+        nursery.cancel_scope.cancel()
+    reactor.close()
+
+
 async def test_a_cancelled_wait_leaves_the_reactor(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
     (ours, client), _ = pairs
     reactor = Reactor()
