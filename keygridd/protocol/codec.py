@@ -44,6 +44,11 @@ Template = tuple[tuple[int, AttrValue], ...]
 _packers = threading.local()  # a Packer per thread: msgpack.packb makes a new one on every call
 
 
+def packer() -> Callable[[Any], bytes]:
+    """``pack`` for one thread's repeated use (a connection's replies): a Packer of its own."""
+    return msgpack.Packer(use_bin_type=True).pack  # type: ignore[no-any-return]
+
+
 def pack(value: Any) -> bytes:
     packer = getattr(_packers, "packer", None)
     if packer is None:

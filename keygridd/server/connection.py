@@ -150,6 +150,7 @@ class Connection:
         self.read_scope = trio.CancelScope()
         self.unyielded = 0
         self.outbox: list[bytes] = []
+        self._pack = codec.packer()  # the connection's own: it is used from the loop's thread only
         self.raw = stream if type(stream) is RawStream else None  # the hot path's stream, checked once
         self.reactor = reactor if self.raw is not None else None
         # What the reactor hands over when it wakes the task (see on_readable):
@@ -162,7 +163,7 @@ class Connection:
         self.waited = False
 
     def encode(self, message: list[Any]) -> bytes:
-        body = codec.pack(message)
+        body = self._pack(message)
         if len(body) > self.max_frame:
             rv = CKR.DEVICE_MEMORY
             body = codec.pack([message[0], message[1], rv, None, f"reply of {len(body)} bytes exceeds the frame limit"])
