@@ -22,7 +22,7 @@ from keygridd.core.offload import Offload, Work
 from keygridd.core.store import Attributes
 from keygridd.mechanisms import Cost
 from keygridd.mechanisms import Mechanism as MechanismImpl
-from keygridd.mechanisms.base import EcdsaJob, sign_job
+from keygridd.mechanisms.base import EcdsaJob, final_sign_job, sign_job
 from keygridd.pkcs11 import CKA, CKO, MechanismFlag
 from keygridd.pkcs11.errors import (
     BufferTooSmall,
@@ -127,9 +127,10 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         bound: Callable[[], int],
         compute: Callable[[], bytes],
         ends: bool,
-        job: EcdsaJob | None = None,
+        job: Callable[[], EcdsaJob | None] | None = None,
     ) -> Work[Out]:
-        """Apply the output-buffer convention around one computation."""
+        """Apply the output-buffer convention around one computation. ``job`` describes it for the
+        server's signer, asked only when the output is computed (it may finish the context's hash)."""
         try:
             cached = op.pending is not None and op.pending[:2] == (step, data)
             if out_len == -1:  # a length query never ends the operation
@@ -137,7 +138,7 @@ class CryptoFunctions(ObjectFunctions, CoreState):
             if cached and op.pending is not None:
                 output = op.pending[2]
             else:
-                output = yield Offload(compute, op.thread, job=job)
+                output = yield Offload(compute, op.thread, job=job() if job is not None else None)
             if out_len is not None and out_len >= 0 and len(output) > out_len:
                 op.pending = (step, data, output)
                 raise BufferTooSmall(f"{len(output)} bytes needed", result=[None, len(output)])
@@ -256,7 +257,7 @@ class CryptoFunctions(ObjectFunctions, CoreState):
         return (
             yield from self._run(
                 session, op, "one", data, out_len, lambda: ctx.length, lambda: ctx.sign(data), True,
-                sign_job(ctx, data),
+                lambda: sign_job(ctx, data),
             )
         )  # fmt: skip
 
@@ -267,9 +268,13 @@ class CryptoFunctions(ObjectFunctions, CoreState):
 
     def C_SignFinal(self, app: Application, handle: int, out_len: int | None) -> Work[Out]:
         session = self.session(app, handle)
-        op = self._op(session, OpKind.SIGN)
+        op = self._op(session, _SIGN)
         ctx = op.context
-        return (yield from self._run(session, op, "final", b"", out_len, lambda: ctx.length, ctx.final, True))
+        return (
+            yield from self._run(
+                session, op, "final", b"", out_len, lambda: ctx.length, ctx.final, True, lambda: final_sign_job(ctx)
+            )
+        )
 
     def C_VerifyInit(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
         self._begin(app, handle, OpKind.VERIFY, mechanism, key)

@@ -254,9 +254,15 @@ class EcdsaJob:
 
 def sign_job(context: object, data: bytes) -> EcdsaJob | None:
     """What a sign context's single-part signature of ``data`` computes, for the signer (None: only its
-    own ``sign`` can)."""
+    own ``sign`` can). Asked just before the signature is made: the context may hash ``data`` for it."""
     job_for = getattr(context, "job_for", None)
     return job_for(data) if job_for is not None else None
+
+
+def final_sign_job(context: object) -> EcdsaJob | None:
+    """The same for a multi-part signature's ``final``."""
+    final_job = getattr(context, "final_job", None)
+    return final_job() if final_job is not None else None
 
 
 class SinglePart:
@@ -330,22 +336,47 @@ class SingleCipher(SinglePart):
 
 
 class HashSign:
-    """Multi-part sign: hash incrementally, then ``fn(digest) -> signature``."""
+    """Multi-part sign: hash incrementally, then ``fn(digest) -> signature``.
 
-    def __init__(self, algorithm: hashes.HashAlgorithm, length: int, fn: Callable[[bytes], bytes]) -> None:
+    With ``job_for_digest`` (ECDSA), ``job_for(data)`` / ``final_job()`` finish the hash and describe
+    the signature of the digest for the signer; ``sign`` / ``final`` then sign that digest (the
+    signature is made one way or the other, and the input is hashed once)."""
+
+    def __init__(
+        self,
+        algorithm: hashes.HashAlgorithm,
+        length: int,
+        fn: Callable[[bytes], bytes],
+        job_for_digest: Callable[[bytes], EcdsaJob | None] | None = None,
+    ) -> None:
         self._hash = hashes.Hash(algorithm)
         self.length = length
         self._fn = fn
+        self._job_for_digest = job_for_digest
+        self._digest: bytes | None = None  # the hash, finished for a job
 
     def update(self, data: bytes) -> None:
         self._hash.update(data)
 
     def final(self) -> bytes:
-        return self._fn(self._hash.finalize())
+        return self._fn(self._digest if self._digest is not None else self._hash.finalize())
 
     def sign(self, data: bytes) -> bytes:
-        self._hash.update(data)
+        if self._digest is None:
+            self._hash.update(data)
         return self.final()
+
+    def job_for(self, data: bytes) -> EcdsaJob | None:
+        if self._job_for_digest is None:
+            return None
+        self._hash.update(data)
+        return self.final_job()
+
+    def final_job(self) -> EcdsaJob | None:
+        if self._job_for_digest is None:
+            return None
+        self._digest = self._hash.finalize()
+        return self._job_for_digest(self._digest)
 
 
 class HashVerify:

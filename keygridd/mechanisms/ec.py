@@ -212,10 +212,12 @@ class EcdsaHash(_EcMechanism):
         no_param(self, param)
         priv = self.private(key)
         curve, algorithm = curve_of(priv), self.factory()
+        side = curve.order_bytes
         return HashSign(
             algorithm,
-            2 * curve.order_bytes,
+            2 * side,
             lambda d: _to_raw(priv.sign(d, ec.ECDSA(utils.Prehashed(algorithm))), curve),
+            lambda digest: EcdsaJob(key, digest, side),  # CKM_ECDSA over the digest: the signer's work
         )
 
     def verify_init(self, key: LoadedKey, param: Param) -> HashVerify:

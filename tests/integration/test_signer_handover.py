@@ -4,10 +4,12 @@ The server runs in the test's trio loop with its real socket, reactor and
 signing thread; the reactor is told that several clients are busy, so each
 ``C_Sign`` of an EC key the reactor begins is signed with a nonce the thread
 precomputed or, while the curve's pool is empty (always, with
-``ecdsa_precompute: false``), goes to the thread. Four clients
-sign over P-256 and P-384 keys at once: every signature verifies with
-``C_Verify``, the thread made signatures, and a client's other calls
-(random bytes between two signatures, a key destroyed after its last
+``ecdsa_precompute: false``), goes to the thread; so does each
+``C_SignFinal``. Four clients sign over P-256 and P-384 keys at once, with
+``CKM_ECDSA`` and with ``CKM_ECDSA_SHA256`` / ``CKM_ECDSA_SHA384`` (single-
+and multi-part: the thread signs the digest): every signature verifies with
+``C_Verify``, the thread made signatures, and a client's other calls (random
+bytes between two signatures, a length query, a key destroyed after its last
 signature) behave as without the thread. With ``ecdsa_thread: false`` no
 thread is started and the same signatures are made on the loop.
 """
@@ -72,6 +74,22 @@ async def sign_many(client: TrioClient, curve: bytes) -> int:
         rv, _ = await client.call_raw("C_Verify", session, digest, bad)
         assert rv == CKR.SIGNATURE_INVALID
         assert len(await client.call("C_GenerateRandom", session, 16)) == 16
+        # CKM_ECDSA_SHA*: the digest is the signer's input; a length query first leaves it to the call.
+        message = b"message %d" % n
+        await client.call("C_SignInit", session, CKM.ECDSA_SHA256, private)
+        rv, (_, length) = await client.call_raw("C_Sign", session, message, -1)
+        assert rv == CKR.OK and length == len(signature)
+        hashed = await client.call("C_Sign", session, message, None)
+        await client.call("C_SignInit", session, CKM.ECDSA_SHA384, private)
+        await client.call("C_SignUpdate", session, message[:4])
+        await client.call("C_SignUpdate", session, message[4:])
+        parts = await client.call("C_SignFinal", session, None)
+        for mechanism, made in ((CKM.ECDSA_SHA256, hashed), (CKM.ECDSA_SHA384, parts)):
+            await client.call("C_VerifyInit", session, mechanism, public)
+            await client.call("C_Verify", session, message, made)
+            await client.call("C_VerifyInit", session, mechanism, public)
+            rv, _ = await client.call_raw("C_Verify", session, message + b"!", made)
+            assert rv == CKR.SIGNATURE_INVALID
     await client.call("C_DestroyObject", session, private)
     rv, _ = await client.call_raw("C_SignInit", session, CKM.ECDSA, public)
     assert rv == CKR.KEY_FUNCTION_NOT_PERMITTED  # no CKA_SIGN on the public key
@@ -118,8 +136,9 @@ async def test_signatures_made_by_the_thread_verify(
     assert sorted(lengths) == [64, 64, 96, 96]
     assert len(started) == 1 and started[0] is not None, "libkeygrid-signer.so is installed by `make shim`"
     signer = started[0]
-    # Most C_Sign calls are begun by the reactor: handed to the thread, or signed with a precomputed nonce.
-    assert signer.signed + signer.precomputed >= CLIENTS * SIGNATURES // 2
+    # Most C_Sign and C_SignFinal calls (CKM_ECDSA, CKM_ECDSA_SHA256, CKM_ECDSA_SHA384) are begun by the
+    # reactor: handed to the thread, or signed with a precomputed nonce.
+    assert signer.signed + signer.precomputed >= CLIENTS * SIGNATURES * 3 // 2
     if precompute:
         assert signer.signed >= 1  # a curve's first signature, before its pool has pairs
         assert signer.precomputed >= CLIENTS * SIGNATURES // 4

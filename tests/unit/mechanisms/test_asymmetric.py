@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from mech_helpers import ec_pair, rsa_pair
 
 from keygridd.mechanisms import Cost, LoadedKey, get, load_key
+from keygridd.mechanisms.base import final_sign_job, sign_job
 from keygridd.mechanisms.curves import ED448, ED25519, P256, P384, P521, SECP256K1
 from keygridd.mechanisms.rsa import HASHED_PKCS, HASHED_PSS
 from keygridd.pkcs11._constants import CKA, CKD, CKG, CKK, CKM
@@ -174,6 +176,30 @@ def test_ecdsa_hashed(p256: Pair, mech: int) -> None:
     ctx.update(b"mess")
     ctx.update(b"age")
     get(mech).verify_init(p256[0], None).verify(b"message", ctx.final())
+
+
+@pytest.mark.parametrize("mech", ECDSA_HASHED)
+def test_ecdsa_hashed_jobs_are_ecdsa_over_the_digest(p256: Pair, mech: int) -> None:
+    """The signer's job of CKM_ECDSA_SHA*: CKM_ECDSA of the finished hash, which is hashed once."""
+    raw, hashed = get(CKM.ECDSA), get(mech)
+    h = hashes.Hash(hashed.factory())  # type: ignore[attr-defined]
+    h.update(b"message")
+    digest = h.finalize()
+    one = hashed.sign_init(p256[1], None)
+    job = sign_job(one, b"message")
+    assert job is not None and job.key is p256[1] and job.data == digest and job.side == 32
+    signature = one.sign(b"message")  # the signature made inline after the job: of the same digest
+    raw.verify_init(p256[0], None).verify(digest, signature)
+    hashed.verify_init(p256[0], None).verify(b"message", signature)
+    parts = hashed.sign_init(p256[1], None)
+    parts.update(b"mess")
+    parts.update(b"age")
+    job = final_sign_job(parts)
+    assert job is not None and job.data == digest
+    hashed.verify_init(p256[0], None).verify(b"message", parts.final())
+    rsa_context = get(CKM.SHA256_RSA_PKCS).sign_init(rsa_pair(1024)[1], None)
+    assert sign_job(rsa_context, b"m") is None and final_sign_job(rsa_context) is None
+    assert len(rsa_context.sign(b"m")) == 128  # asking for no job left the hash alone
 
 
 def test_ec_errors(p256: Pair) -> None:
