@@ -50,10 +50,10 @@ def packer() -> Callable[[Any], bytes]:
 
 
 def pack(value: Any) -> bytes:
-    packer = getattr(_packers, "packer", None)
-    if packer is None:
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
-    return packer.pack(value)  # type: ignore[no-any-return]
+    pack_one: Callable[[Any], bytes] | None = getattr(_packers, "pack", None)
+    if pack_one is None:
+        pack_one = _packers.pack = packer()
+    return pack_one(value)
 
 
 def unpack(data: bytes) -> Any:
