@@ -161,20 +161,18 @@ _WITHOUT_PARAM: dict[int, Mechanism] = {}  # frozen values, shared: most request
 
 
 def decode_mechanism(raw: object) -> Mechanism:
-    if not (type(raw) is list and len(raw) == 2 and (type(raw[0]) is int or _is_ulong(raw[0]))):
+    if not (type(raw) is list and len(raw) == 2):
         raise ArgumentsBad("mechanism: expected [mechanism, parameter]")
     number, param = raw
+    if not ((type(number) is int and 0 <= number <= ULONG_MAX) or _is_ulong(number)):
+        raise ArgumentsBad("mechanism: expected [mechanism, parameter]")
     if param is None:
         found = _WITHOUT_PARAM.get(number)
         if found is None:
-            if not 0 <= number <= ULONG_MAX:
-                raise ArgumentsBad("mechanism: expected [mechanism, parameter]")
             found = Mechanism(int(number))
             if len(_WITHOUT_PARAM) < 4096:
                 _WITHOUT_PARAM[number] = found
         return found
-    if not 0 <= number <= ULONG_MAX:
-        raise ArgumentsBad("mechanism: expected [mechanism, parameter]")
     if isinstance(param, bytes):
         return Mechanism(number, param)
     if isinstance(param, list) and param and param[0] in _PARAM_DECODERS:

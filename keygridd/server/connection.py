@@ -290,11 +290,7 @@ class Connection:
         connection is held), or HANDED to the task (the ``Step`` begun, or the protocol error)."""
         assert self.app is not None
         try:
-            try:
-                message = codec.unpack(body)
-            except ValueError as exc:
-                raise ProtocolViolation(str(exc)) from None
-            step = self.begin(self.app, message)
+            step = self.begin(self.app, self.decode(body))
         except ProtocolViolation as exc:
             self.failure = exc
             return HANDED

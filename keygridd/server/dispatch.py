@@ -98,17 +98,15 @@ class Dispatcher:
     def start(self, app: Application, call: Call, args: list[Any]) -> Reply | Pending:
         """Run as much of the call as can run now: a reply, or what is left to await."""
         try:
-            if self.effects or self.core.remote:  # else every call goes to the core: no slot to look up
-                slot_id = self.slot_of(app, call, args)
-                provider = self.effects.get(slot_id) if slot_id is not None else None
-                if provider is not None:
-                    effect = provider.effect(call.name)
-                    if effect is not None:
-                        return Pending(app, call, args, effect)
-                if slot_id in self.core.remote:
-                    result = self.core.passthrough.run(app, call.name, args)
-                else:
-                    result = getattr(self.core, call.name)(app, *args)
+            # No slot to look up when none injects effects or forwards to a module: every call goes to the core.
+            slot_id = self.slot_of(app, call, args) if self.effects or self.core.remote else None
+            provider = self.effects.get(slot_id) if slot_id is not None else None
+            if provider is not None:
+                effect = provider.effect(call.name)
+                if effect is not None:
+                    return Pending(app, call, args, effect)
+            if slot_id is not None and slot_id in self.core.remote:
+                result = self.core.passthrough.run(app, call.name, args)
             else:
                 result = getattr(self.core, call.name)(app, *args)
             if isinstance(result, GeneratorType):  # not the Generator ABC: its check is slow
