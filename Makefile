@@ -12,6 +12,9 @@ PYTHON ?= $(shell /usr/bin/python3 -c 'import ensurepip, sys; sys.exit(sys.versi
 	&& echo /usr/bin/python3 || echo python3)
 VENV := .venv
 STAMP := $(VENV)/.keygrid-installed
+# The wheel as it ships (the request path compiled by mypyc, hatch_build.py), unpacked: the tests run its
+# daemon a second time and the benchmarks measure it (KEYGRIDD_COMPILED).
+COMPILED := build/compiled
 PY_DIRS := $(wildcard keygridd tests tools bench)
 SHELL_SCRIPTS = .ci/run $(shell find . \( -path ./.git -o -path ./$(VENV) -o -path ./var \) -prune -o -type f \( -name '*.sh' -o -name '*.bash' \) -print)
 UNITS := systemd/keygridd.service systemd/keygridd.socket
@@ -21,18 +24,20 @@ BENCH_ARGS ?=
 # p11-kit, OpenSSL engine and PostgreSQL integration tests).
 DEB_PACKAGES := shellcheck systemd libp11-kit-dev softhsm2 opensc gnutls-bin \
 	libengine-pkcs11-openssl p11-kit gcc libssl-dev clang clang-format libclang-rt-14-dev xxd \
-	python3-venv postgresql podman runc fuse-overlayfs uidmap slirp4netns debootstrap
+	python3-venv python3-dev postgresql podman runc fuse-overlayfs uidmap slirp4netns debootstrap
 
 SHIM := keygrid_pkcs11_shim
+COMPILED_SUITES := tests/conformance tests/consumers tests/integration/test_bad_input.py tests/integration/test_compiled.py
 C_SOURCES = $(filter-out $(SHIM)/keygrid-calls.h,$(wildcard $(SHIM)/*.c $(SHIM)/*.h $(SHIM)/tests/*.c $(SHIM)/tests/*.h $(SHIM)/fuzz/*.c))
 
-.PHONY: help venv deps shim run lint test test-slow bench fuzz clean
+.PHONY: help venv deps shim compiled run lint test test-slow bench fuzz clean
 
 help:
 	@echo "make venv       create .venv and install keygrid with the test extra (editable)"
 	@echo "make deps       install the Debian packages the tests need (root; no-op when present)"
 	@echo "make run        start a development keygridd on var/run/keygrid.sock (config in var/)"
 	@echo "make shim       build libkeygrid-pkcs11.so (keygrid_pkcs11_shim/build/)"
+	@echo "make compiled   build the wheel (mypyc-compiled request path) and unpack it in build/compiled"
 	@echo "make lint       ruff, mypy --strict, clang-format, shellcheck, systemd-analyze verify"
 	@echo "make test       deps + venv + lint, then every test except the slow ones"
 	@echo "make test-slow  the tests marked slow"
@@ -67,6 +72,15 @@ shim:
 	install -m 0755 $(SHIM)/build/libkeygrid-pkcs11.so $(SHIM)/build/libkeygrid-worker.so keygridd/lib/
 	if [ -f $(SHIM)/build/libkeygrid-signer.so ]; then install -m 0755 $(SHIM)/build/libkeygrid-signer.so keygridd/lib/; fi
 
+compiled: $(COMPILED)/.built
+
+$(COMPILED)/.built: $(STAMP) hatch_build.py pyproject.toml $(shell find keygridd $(SHIM) -name '*.py' -o -name '*.[ch]')
+	rm -rf $(COMPILED) build/dist
+	$(VENV)/bin/pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir build/dist .
+	$(VENV)/bin/python -m zipfile -e build/dist/keygrid-*.whl $(COMPILED)
+	test -f $(COMPILED)/keygridd/server/connection.cpython-*.so  # mypyc did compile it
+	touch $@
+
 run: venv shim
 	$(VENV)/bin/python tools/devsetup.py var/
 	exec $(VENV)/bin/keygridd --config var/keygrid.yaml
@@ -88,9 +102,11 @@ lint: venv
 	echo "lint: ok"
 
 # The shim's C tests run under AddressSanitizer and UBSan; its reply decoder is fuzzed briefly.
-test: deps venv shim lint
+# Then the daemon-level suites again, against the daemon as the wheel ships it (compiled).
+test: deps venv shim lint compiled
 	$(MAKE) -C $(SHIM) check fuzz-short pytest-asan
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow and not compiled"
+	KEYGRIDD_COMPILED=$(COMPILED) $(VENV)/bin/pytest -q -m "not slow" $(COMPILED_SUITES)
 
 # pytest exits 5 when no test is selected; that is not a failure here.
 test-slow: deps venv
@@ -98,7 +114,9 @@ test-slow: deps venv
 	if [ "$$rc" -eq 5 ]; then echo "test-slow: no slow tests collected"; exit 0; fi
 	exit "$$rc"
 
-bench: venv shim
+# keygridd as the wheel ships it (compiled).
+bench: venv shim compiled
+	export KEYGRIDD_COMPILED=$(COMPILED)
 	$(VENV)/bin/python bench/bench_rpc.py $(BENCH_ARGS)
 	$(VENV)/bin/python bench/bench_pkcs11.py $(BENCH_ARGS)
 	$(VENV)/bin/python bench/bench_pkcs11.py --provider pkcs11 --ops ecdsa-p256-sign rsa2048-sign random-32 $(BENCH_ARGS)

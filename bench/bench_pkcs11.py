@@ -373,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
                             samples.setdefault((target.name, op, n), []).append(cell)
             results = {key: median(cells) for key, cells in samples.items()}
 
+    from bench_rpc import keygridd_build
+
     print(
         f"PKCS#11 benchmark: {args.seconds:g} s per cell, median of {args.rounds} round(s) taking a, b, c, d"
-        f"{', e' if two_hops else ''} in turn, {os.cpu_count()} CPUs"
+        f"{', e' if two_hops else ''} in turn, {os.cpu_count()} CPUs; {keygridd_build()}"
     )
     print(
         "a = SoftHSM2 direct, b = SoftHSM2 via p11-kit server/client, "

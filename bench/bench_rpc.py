@@ -295,7 +295,19 @@ def keygridd_missing() -> str | None:
     return None
 
 
-def keygridd_command() -> list[str]:
+def keygridd_build() -> str:
+    """Which keygridd the benchmarks run, for their headers."""
+    compiled = os.environ.get("KEYGRIDD_COMPILED")
+    return f"keygridd from the wheel in {compiled} (request path compiled)" if compiled else "keygridd as installed"
+
+
+def keygridd_command(env: dict[str, str] | None = None) -> list[str]:
+    """keygridd as installed, or with ``KEYGRIDD_COMPILED`` from the wheel unpacked there (``make compiled``:
+    the request path compiled by mypyc, as it ships), which ``env`` (the daemon's) then imports first."""
+    compiled = os.environ.get("KEYGRIDD_COMPILED")
+    if compiled and env is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(compiled), env.get("PYTHONPATH")]))
+        return [sys.executable, "-P", "-m", "keygridd.daemon"]
     script = Path(sys.executable).with_name("keygridd")
     if script.exists():
         return [str(script)]
@@ -329,7 +341,7 @@ def keygridd_server(
         # The daemon serves the socket in its config: no KEYGRID_* setting of the caller may override it.
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGRID_")}
         process = subprocess.Popen(
-            [*keygridd_command(), "--config", str(config_path)],
+            [*keygridd_command(env), "--config", str(config_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -438,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 skipped = str(exc)
 
     print(f"keygrid RPC benchmark: {args.seconds:g} s per cell, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(keygridd_build())
     print()
     print_table(
         [

@@ -56,11 +56,11 @@ def daemon(directory: Path, backend: str, location: str) -> Iterator[str]:
     socket = str(directory / "kg.sock")
     path = directory / "keygrid.yaml"
     path.write_text(config(socket, backend, location))
+    from bench_rpc import keygridd_command  # as installed, or the compiled wheel's (KEYGRIDD_COMPILED)
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGRID_")}
     with open(directory / "keygridd.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "keygridd.daemon", "--config", str(path)], stdout=log, stderr=log, env=env
-        )
+        process = subprocess.Popen([*keygridd_command(env), "--config", str(path)], stdout=log, stderr=log, env=env)
     try:
         deadline = time.monotonic() + 120
         while True:

