@@ -7,6 +7,7 @@ one such daemon shared by a test session, with an initialised memory token.
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -94,6 +95,15 @@ slots:
 
 
 Starter = Callable[..., RunningDaemon]
+
+
+def compiled_modules() -> list[str]:
+    """``hatch_build.COMPILED`` as module names (read from the hook's source: hatchling is a build tool)."""
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "hatch_build.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets):
+            return [path.removesuffix(".py").replace("/", ".") for path in ast.literal_eval(node.value)]
+    raise AssertionError("hatch_build.py has no COMPILED")
 
 
 def daemon_command(child_env: dict[str, str]) -> list[str]:

@@ -8,7 +8,6 @@ own, they build the wheel first (about a minute).
 
 from __future__ import annotations
 
-import ast
 import os
 import socket
 import subprocess
@@ -22,21 +21,12 @@ import pytest
 from keygridd.client import Client
 from keygridd.pkcs11 import CKR
 from keygridd.protocol.framing import HEADER
-from tests.conftest import RunningDaemon, Starter, default_config
+from tests.conftest import RunningDaemon, Starter, compiled_modules, default_config
 from tests.integration.test_bad_input import connect, handshake, recv_message, send_message
 
 pytestmark = pytest.mark.compiled
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def compiled_modules() -> list[str]:
-    """``hatch_build.COMPILED`` as module names (read from the hook's source: hatchling is a build tool)."""
-    tree = ast.parse((ROOT / "hatch_build.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets):
-            return [path.removesuffix(".py").replace("/", ".") for path in ast.literal_eval(node.value)]
-    raise AssertionError("hatch_build.py has no COMPILED")
 
 
 @pytest.fixture(scope="module")
